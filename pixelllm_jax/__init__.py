@@ -1,0 +1,1 @@
+"""pixelllm-jax: Pixel Aligned Language Models (PixelLLM) in JAX/Flax."""

@@ -1,0 +1,57 @@
+"""The typed batch the model consumes and the typed output it returns.
+
+Conventions (see docs/CONVENTIONS.md):
+- B images per batch, K distinct location prompts per image, N caption slots
+  per image; each slot reads one prompt through `prompt_index`.
+- Coordinates are normalized to [0, 1] of the unpadded image, xy order, origin
+  top-left. Boxes are xyxy.
+- Token ids follow T5: pad 0, eos 1, unk 2, decoder start 0.
+- `decoder_input_tokens` is `decoder_target_tokens` shifted right by one with
+  0 in front (t5x). Localization arrays are aligned with decoder *input*
+  positions: position k localizes the token fed at k, i.e. the hidden state
+  that has just read that token. The referring box sits at the position whose
+  target is EOS (it has just read the last word of the expression).
+"""
+import flax.struct
+import jax
+import numpy as np
+
+Array = jax.Array | np.ndarray
+
+TASKS = ("caption", "trace", "refer", "loca")
+TASK_ID = {name: i for i, name in enumerate(TASKS)}
+EMPTY_SLOT = -1
+
+
+@flax.struct.dataclass
+class Batch:
+  image: Array                 # uint8[B, H, W, 3]
+  image_valid_hw: Array        # float32[B, 2]: fraction of the canvas (h, w) holding the image
+  prompt_boxes: Array          # float32[B, K, 4]
+  prompt_index: Array          # int32[B, N]: which of the K prompts each slot reads
+  context_tokens: Array        # int32[B, N, Lc]: text prompt + EOS, 0-padded
+  decoder_input_tokens: Array  # int32[B, N, L]
+  decoder_target_tokens: Array  # int32[B, N, L]
+  decoder_loss_weights: Array  # float32[B, N, L]: caption cross-entropy weights
+  point_targets: Array         # float32[B, N, L, P, 2]
+  point_weights: Array         # float32[B, N, L]
+  task_ids: Array              # int32[B, N]: index into TASKS, EMPTY_SLOT for padding
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    """(B, N, L)."""
+    return tuple(self.decoder_target_tokens.shape)  # type: ignore[return-value]
+
+
+@flax.struct.dataclass
+class Output:
+  logits: Array   # float32[B, N, L, V]
+  points: Array   # float32[B, N, L, P, 2], normalized coordinates
+  hidden: Array   # float32[B, N, L, D]: final decoder hidden states (what the head reads)
+
+
+def shift_right(target_tokens: np.ndarray) -> np.ndarray:
+  """t5x decoder inputs: targets shifted right by one, decoder start id 0 in front."""
+  out = np.zeros_like(target_tokens)
+  out[..., 1:] = target_tokens[..., :-1]
+  return out

@@ -1,0 +1,105 @@
+"""Primitives shared by every tower: parameters with logical axis names.
+
+Every parameter in the project is created through `param_init` (or the
+layers below, which use it), so it carries logical axis names; one rules table
+in `sharding.py` maps those names to mesh axes. Shapes use nanodo-style
+suffixes in dense code: B batch, T/S sequence, H heads, D width.
+"""
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+
+def param_init(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+  """Wraps an initializer so the parameter it makes carries logical axis names."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(
+    features: int,
+    axes: tuple[str, str],
+    *,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = nn.initializers.lecun_normal(),
+    bias_init: Initializer = nn.initializers.zeros,
+    name: str | None = None,
+) -> nn.Dense:
+  """An `nn.Dense` whose kernel is named `axes` (in, out) and bias `axes[1]`."""
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      kernel_init=param_init(kernel_init, axes),
+      bias_init=param_init(bias_init, (axes[1],)),
+      name=name,
+  )
+
+
+def layer_norm(
+    *, epsilon: float = 1e-6, axis_name: str = "embed", dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.LayerNorm:
+  """LayerNorm with scale and bias named `(axis_name,)`."""
+  return nn.LayerNorm(
+      epsilon=epsilon,
+      dtype=dtype,
+      scale_init=param_init(nn.initializers.ones, (axis_name,)),
+      bias_init=param_init(nn.initializers.zeros, (axis_name,)),
+      name=name,
+  )
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: scale only, no mean subtraction, no bias (computed in float32)."""
+
+  epsilon: float = 1e-6
+  axis_name: str = "embed"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param(
+        "scale", param_init(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],)
+    )
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.epsilon)
+    return (y * scale).astype(self.dtype)
+
+
+def attend(
+    q_BTHD: Array,
+    k_BSHD: Array,
+    v_BSHD: Array,
+    *,
+    bias_BHTS: Array | None = None,
+    mask_BHTS: Array | None = None,
+    scale: float | None = None,
+    precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST,
+) -> Array:
+  """Softmax attention; returns [B, T, H, D].
+
+  `scale=None` means 1/sqrt(D); T5 passes 1.0 (it does not scale scores).
+  `mask_BHTS` is boolean (True = attend) and broadcastable. The softmax runs in
+  float32 whatever the input dtype. Written with einsums (not
+  `jax.nn.dot_product_attention`) so the parity tests run at highest
+  precision on any backend; a fused kernel can replace this in one place.
+  """
+  depth = q_BTHD.shape[-1]
+  scale = depth**-0.5 if scale is None else scale
+  logits = jnp.einsum(
+      "bthd,bshd->bhts", q_BTHD, k_BSHD, precision=precision
+  ).astype(jnp.float32) * scale
+  if bias_BHTS is not None:
+    logits = logits + bias_BHTS.astype(jnp.float32)
+  if mask_BHTS is not None:
+    logits = jnp.where(mask_BHTS, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v_BSHD.dtype)
+  return jnp.einsum("bhts,bshd->bthd", weights, v_BSHD, precision=precision)

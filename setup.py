@@ -1,0 +1,47 @@
+"""pixelllm-jax: a JAX/Flax reimplementation of PixelLLM (Xu et al., CVPR 2024).
+
+Version ranges are open so TPU users on newer Pythons get newer releases; the
+exact versions CI and the README commands use are pinned in
+requirements/constraints.txt.
+"""
+import setuptools
+
+CORE = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "chex>=0.1.92",
+    "tensorflow-datasets>=4.9.10",
+    "grain>=0.2.18",
+    "array-record>=0.8.6",
+    "gin-config>=0.5.0",
+    "sentencepiece>=0.2.3",
+    "numpy>=2.0",
+    "pillow>=10.0",
+    "absl-py>=2.0",
+    "tensorboardX>=2.6",
+]
+
+EXTRAS = {
+    # Metrics that need the COCO caption toolkit (CIDEr, BLEU, ROUGE-L; METEOR needs Java).
+    "eval": ["pycocoevalcap>=1.2"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "portpicker>=1.6"],
+}
+
+setuptools.setup(
+    name="pixelllm-jax",
+    version="0.1.0",
+    description="Pixel Aligned Language Models in JAX/Flax",
+    packages=setuptools.find_packages(include=["pixelllm_jax", "pixelllm_jax.*"]),
+    package_data={"pixelllm_jax": ["../gin_configs/**/*.gin"]},
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "pixelllm-train=pixelllm_jax.train.main:run",
+            "pixelllm-eval=pixelllm_jax.eval:run",
+        ]
+    },
+)
