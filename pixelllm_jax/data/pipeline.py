@@ -1,0 +1,253 @@
+"""Caption slots -> fixed-shape numpy batches: a seeded task mixture for
+training, and an exhaustive in-order pass for evaluation.
+
+Shapes (B batch, K prompts, N slots, L = TaskConfig.max_target_len,
+Lc = max_context_len, P = points_per_token) are those of `batch.Batch`; every
+example is a dict with exactly its fields, without the batch dim.
+
+Choices:
+- Slots with identical prompt boxes share one prompt (the prompt path runs once
+  per distinct box, not once per slot as in the official code, which
+  recomputed the full-image prompt 16 times; official-pixelllm.md 8.14).
+- Training: per source, records are sharded per host, shuffled with a seed
+  and repeated forever (reshuffled each epoch); sources are interleaved by
+  `grain.MapDataset.mix` (deterministic, proportional to the weights); each
+  mixed element's slot subset is drawn from `np.random.default_rng([seed,
+  shard_index, index])`, so the whole stream is a pure function of the global
+  index: same seed, same batches, and the grain iterator state (one index)
+  resumes exactly. Batches are whole mixed examples, so one batch can hold
+  several tasks (unlike the official per-source batches).
+- Evaluation never truncates: an image with more slots than N (or more distinct
+  prompts than K) continues in further rows with the same image.
+- Images are not resized here: images of one batch must share a size.
+"""
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import grain
+import numpy as np
+
+from pixelllm_jax.batch import EMPTY_SLOT, TASK_ID, shift_right
+from pixelllm_jax.data import tasks
+from pixelllm_jax.data.tasks import Slot, TaskConfig, TextEncoder
+
+
+class TaskSource(NamedTuple):
+  """One entry of a training mixture. `data_source`: random access, len()."""
+  task: str
+  data_source: Any
+  weight: float
+
+
+def _prompt_key(slot: Slot) -> tuple[float, ...]:
+  return tuple(np.asarray(slot.prompt_box, np.float32).tolist())
+
+
+def pack_example(image: np.ndarray, slots: Sequence[Slot], *, num_prompts: int,
+                 num_slots: int, config: TaskConfig) -> dict[str, np.ndarray]:
+  """One image and up to N slots -> the Batch fields without the batch dim.
+
+  Returns image uint8[H, W, 3], image_valid_hw float32[2] (1, 1: unpadded),
+  prompt_boxes float32[K, 4] (distinct boxes first, [0, 0, 1, 1] after),
+  prompt_index int32[N], context_tokens int32[N, Lc],
+  decoder_input_tokens / decoder_target_tokens int32[N, L],
+  decoder_loss_weights float32[N, L], point_targets float32[N, L, P, 2],
+  point_weights float32[N, L], task_ids int32[N] (EMPTY_SLOT for unused slots,
+  which are otherwise all zero).
+  """
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+    raise ValueError(f"image must be uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
+  if len(slots) > num_slots:
+    raise ValueError(f"{len(slots)} slots do not fit num_slots={num_slots}")
+  length, context_len, p = config.max_target_len, config.max_context_len, config.points_per_token
+
+  prompt_of_key: dict[tuple[float, ...], int] = {}
+  for slot in slots:
+    prompt_of_key.setdefault(_prompt_key(slot), len(prompt_of_key))
+  if len(prompt_of_key) > num_prompts:
+    raise ValueError(f"{len(prompt_of_key)} distinct prompt boxes do not fit num_prompts={num_prompts}")
+  prompt_boxes = np.tile(tasks.FULL_IMAGE_BOX, (num_prompts, 1))
+  for key, k in prompt_of_key.items():
+    prompt_boxes[k] = key
+
+  out = {
+      "prompt_index": np.zeros(num_slots, np.int32),
+      "context_tokens": np.zeros((num_slots, context_len), np.int32),
+      "decoder_target_tokens": np.zeros((num_slots, length), np.int32),
+      "decoder_loss_weights": np.zeros((num_slots, length), np.float32),
+      "point_targets": np.zeros((num_slots, length, p, 2), np.float32),
+      "point_weights": np.zeros((num_slots, length), np.float32),
+      "task_ids": np.full(num_slots, EMPTY_SLOT, np.int32),
+  }
+  for n, slot in enumerate(slots):
+    if len(slot.target) > length or len(slot.context) > context_len:
+      raise ValueError(f"slot {n} ({slot.task}) is longer than the config allows")
+    if slot.point_targets.shape != (length, p, 2):
+      raise ValueError(f"slot {n} point_targets {slot.point_targets.shape} != {(length, p, 2)}")
+    out["prompt_index"][n] = prompt_of_key[_prompt_key(slot)]
+    out["context_tokens"][n, : len(slot.context)] = slot.context
+    out["decoder_target_tokens"][n, : len(slot.target)] = slot.target
+    out["decoder_loss_weights"][n] = slot.loss_weights
+    out["point_targets"][n] = slot.point_targets
+    out["point_weights"][n] = slot.point_weights
+    out["task_ids"][n] = TASK_ID[slot.task]
+  return {
+      "image": image,
+      "image_valid_hw": np.ones(2, np.float32),
+      "prompt_boxes": prompt_boxes,
+      "decoder_input_tokens": shift_right(out["decoder_target_tokens"]),
+      **out,
+  }
+
+
+def stack_examples(examples: Sequence[dict[str, np.ndarray]],
+                   names: Sequence[str]) -> dict[str, np.ndarray]:
+  """Stacks examples into a batch; images must share a size (no resize here)."""
+  sizes = {e["image"].shape for e in examples}
+  if len(sizes) > 1:
+    listing = ", ".join(f"{name}: {e['image'].shape}" for name, e in zip(names, examples))
+    raise ValueError(f"images of one batch must share a size (resize them upstream); got {listing}")
+  return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+def _fits(slot: Slot, chosen: Sequence[Slot], num_slots: int, num_prompts: int) -> bool:
+  """Whether `slot` can join `chosen` without exceeding N slots or K prompts."""
+  if len(chosen) >= num_slots:
+    return False
+  keys = {_prompt_key(s) for s in chosen}
+  return _prompt_key(slot) in keys or len(keys) < num_prompts
+
+
+def rows_of_slots(slots: Sequence[Slot], num_slots: int, num_prompts: int) -> list[list[Slot]]:
+  """All slots, in order, split into rows of <= N slots with <= K distinct prompts."""
+  rows: list[list[Slot]] = [[]]
+  for slot in slots:
+    if not _fits(slot, rows[-1], num_slots, num_prompts):
+      rows.append([])
+    rows[-1].append(slot)
+  return rows if rows[-1] else rows[:-1]
+
+
+def _record_name(task: str, index: int, record: dict) -> str:
+  return f"{task} record {index} (image_id={record.get('image_id')!r})"
+
+
+class _Tag:
+  """record -> (task, source index, record); a class so grain workers can pickle it."""
+
+  def __init__(self, task: str):
+    self.task = task
+
+  def __call__(self, index: int, record: dict):
+    return self.task, index, record
+
+
+class _TrainExample:
+  """(task, index, record) at mixed index i -> (name, packed example) with a
+  random subset of the record's slots drawn from (seed, shard, i)."""
+
+  def __init__(self, tokenizer: TextEncoder, config: TaskConfig, num_slots: int,
+               num_prompts: int, seed: int, shard_index: int):
+    self.tokenizer, self.config = tokenizer, config
+    self.num_slots, self.num_prompts = num_slots, num_prompts
+    self.seed, self.shard_index = seed, shard_index
+
+  def __call__(self, index: int, tagged) -> tuple[str, dict[str, np.ndarray]]:
+    task, record_index, record = tagged
+    slots = tasks.make_slots(task, record, self.tokenizer, self.config)
+    rng = np.random.default_rng([self.seed, self.shard_index, index])
+    chosen: list[Slot] = []
+    for i in rng.permutation(len(slots)):
+      if _fits(slots[i], chosen, self.num_slots, self.num_prompts):
+        chosen.append(slots[i])
+    example = pack_example(record["image"], chosen, num_prompts=self.num_prompts,
+                           num_slots=self.num_slots, config=self.config)
+    return _record_name(task, record_index, record), example
+
+
+def _stack_named(named: Sequence[tuple[str, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+  names, examples = zip(*named)
+  return stack_examples(examples, names)
+
+
+def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
+                       tokenizer: TextEncoder, task_config: TaskConfig, *,
+                       batch_size: int, num_slots: int, num_prompts: int, seed: int,
+                       shard_index: int = 0, shard_count: int = 1, num_threads: int = 0,
+                       worker_count: int = 0) -> grain.IterDataset:
+  """An endless, seeded task mixture of batched dicts (Batch fields, leading B).
+
+  Args:
+    sources: (task, data_source, weight) per source; task in batch.TASKS.
+    batch_size: B (per host); incomplete batches never occur (endless stream).
+    seed: fixes shuffles and slot subsets; same seed -> same batches.
+    shard_index, shard_count: this host's share of every source's records.
+    num_threads: grain read threads (0 = read in the calling thread).
+    worker_count: grain worker processes (0 = none; needs absl flags parsed
+      and a picklable tokenizer and data sources).
+
+  Returns:
+    A grain IterDataset; its iterators support get_state() / set_state() for
+    exact resumption.
+  """
+  if not sources:
+    raise ValueError("make_train_dataset needs at least one source")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  per_source, weights = [], []
+  for i, (task, data_source, weight) in enumerate(sources):
+    if task not in tasks.SLOT_FNS:
+      raise ValueError(f"unknown task {task!r}; known: {sorted(tasks.SLOT_FNS)}")
+    ds = grain.MapDataset.source(data_source).map_with_index(_Tag(task))
+    ds = ds[shard_index::shard_count]
+    if len(ds) == 0:
+      raise ValueError(f"source {i} ({task}) has no records for shard {shard_index}/{shard_count}")
+    source_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+    per_source.append(ds.shuffle(seed=source_seed).repeat())
+    weights.append(float(weight))
+  mixed = grain.MapDataset.mix(per_source, weights)
+  examples = mixed.map_with_index(
+      _TrainExample(tokenizer, task_config, num_slots, num_prompts, seed, shard_index))
+  batches = examples.batch(batch_size, drop_remainder=True, batch_fn=_stack_named)
+  read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1))
+  iter_ds = batches.to_iter_dataset(read_options)
+  if worker_count > 0:
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter_ds
+
+
+def eval_batches(task_name: str, data_source, tokenizer: TextEncoder, task_config: TaskConfig, *,
+                 batch_size: int, num_slots: int, num_prompts: int
+                 ) -> Iterator[tuple[dict[str, np.ndarray], list[tuple[int, int, dict]]]]:
+  """Every slot of every record exactly once, in order, as fixed-shape batches.
+
+  Yields (batch, metas): batch has the Batch fields with leading B; metas
+  lists (row, slot, meta) for the real slots only. The last batch is padded
+  with empty rows (a zero image of the batch's size, task_ids = EMPTY_SLOT).
+  """
+  pending: list[tuple[str, np.ndarray, list[Slot]]] = []
+
+  def flush():
+    examples = [pack_example(image, row, num_prompts=num_prompts, num_slots=num_slots,
+                             config=task_config) for _, image, row in pending]
+    names = [name for name, _, _ in pending]
+    empty = np.zeros_like(pending[0][1])
+    while len(examples) < batch_size:
+      examples.append(pack_example(empty, [], num_prompts=num_prompts, num_slots=num_slots,
+                                   config=task_config))
+      names.append("padding")
+    metas = [(r, s, slot.meta) for r, (_, _, row) in enumerate(pending)
+             for s, slot in enumerate(row)]
+    return stack_examples(examples, names), metas
+
+  for index in range(len(data_source)):
+    record = data_source[index]
+    slots = tasks.make_slots(task_name, record, tokenizer, task_config)
+    image = np.asarray(record["image"])
+    for row in rows_of_slots(slots, num_slots, num_prompts):
+      pending.append((_record_name(task_name, index, record), image, row))
+      if len(pending) == batch_size:
+        yield flush()
+        pending = []
+  if pending:
+    yield flush()
