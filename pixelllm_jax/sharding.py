@@ -59,7 +59,10 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1), axis_names: Sequence[str] = M
     shape[shape.index(-1)] = n // known
   if int(np.prod(shape)) != n:
     raise ValueError(f"mesh_shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {n}")
-  return jax.make_mesh(tuple(shape), tuple(axis_names))
+  # Auto axes: shardings come from logical-axis annotations and jit in/out
+  # shardings, with XLA propagating the rest (jax 0.10's default is Explicit).
+  return jax.make_mesh(tuple(shape), tuple(axis_names),
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
 def logical_to_sharding(logical_tree, mesh: Mesh, rules=AXIS_RULES):
