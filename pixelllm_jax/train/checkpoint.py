@@ -1,0 +1,124 @@
+"""Orbax checkpoints: the train state and the input-iterator state together.
+
+A step directory holds two items (STYLE.md item 13, the nanodo recipe):
+  state/  the TrainState pytree (step, params, opt_state), StandardSave
+  data/   the data iterator's `get_state()` as JSON, JsonSave
+so a resumed run continues from the same parameters *and* the same example.
+Saves are asynchronous (the device->host copy happens inside `save`, so the
+donated state may be overwritten by the next step right after); call
+`wait_until_finished` before exiting. Restores go straight onto the target
+shardings, given as `jax.ShapeDtypeStruct(..., sharding=...)`, so a checkpoint
+written on one mesh restores onto another.
+
+Separately, `save_params` / `load_params` read and write a bare params tree
+(possibly covering only some submodules), the format an importer of
+pretrained weights writes and `train(init_checkpoint=...)` reads.
+"""
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from pixelllm_jax.train import optim
+
+STATE, DATA = "state", "data"
+
+
+def make_manager(directory: str, *, max_to_keep: int | None = 3,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  """A CheckpointManager over `directory` with items ('state', 'data')."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+  )
+  return ocp.CheckpointManager(
+      os.path.abspath(directory), options=options, item_names=(STATE, DATA)
+  )
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any) -> bool:
+  """Starts saving `state` and the iterator state at `step` (returns once on host)."""
+  return manager.save(
+      int(step),
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+      ),
+  )
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, shardings: Any,
+            step: int | None = None) -> tuple[Any, Any] | None:
+  """Restores (state, data_state) at `step` (default: latest) onto `shardings`.
+
+  Args:
+    abstract_state: a tree with the state's structure whose leaves have
+      `.shape` and `.dtype` (e.g. `jax.eval_shape` output or the live state).
+    shardings: the same structure of NamedShardings.
+
+  Returns None when the directory holds no checkpoint.
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(abstract_state, shardings)),
+          data=ocp.args.JsonRestore(),
+      ),
+  )
+  return restored[STATE], restored[DATA]
+
+
+def save_params(path: str, params: Any) -> None:
+  """Writes a bare params tree (blocking) to `path`, which must not exist."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(path), params)
+  checkpointer.wait_until_finished()
+
+
+def load_params(path: str, params: Any, param_shardings: Any) -> Any:
+  """Overwrites the leaves of `params` that the checkpoint at `path` holds.
+
+  The checkpoint may cover a subset of the model (e.g. only 't5'); leaves it
+  does not hold keep their values from `params`. Every leaf it holds must exist
+  in `params` with the same shape, else ValueError (a silent skip would train
+  from random weights without a word). Restored leaves land on their
+  `param_shardings`; dtypes follow `params`.
+  """
+  checkpointer = ocp.StandardCheckpointer()
+  path = os.path.abspath(path)
+  stored = checkpointer.metadata(path).item_metadata.tree
+  stored_leaves = {
+      optim.path_of(kp): meta for kp, meta in jax.tree_util.tree_leaves_with_path(stored)
+  }
+  ours = {optim.path_of(kp): (kp, x) for kp, x in jax.tree_util.tree_leaves_with_path(params)}
+  ours_sharding = {
+      optim.path_of(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(param_shardings)
+  }
+  unknown = sorted("/".join(p) for p in stored_leaves if p not in ours)
+  if unknown:
+    raise ValueError(f"{path}: parameters not in the model: {unknown[:10]}")
+  for p, meta in stored_leaves.items():
+    if tuple(meta.shape) != tuple(ours[p][1].shape):
+      raise ValueError(f"{path}: {'/'.join(p)} has shape {tuple(meta.shape)}, "
+                       f"the model wants {tuple(ours[p][1].shape)}")
+
+  def target(kp, _):
+    p = optim.path_of(kp)
+    x = ours[p][1]
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=ours_sharding[p])
+
+  abstract = jax.tree_util.tree_map_with_path(target, stored)
+  loaded = checkpointer.restore(path, abstract)
+  by_path = {optim.path_of(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(loaded)}
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, x: by_path.get(optim.path_of(kp), x), params
+  )

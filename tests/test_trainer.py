@@ -1,0 +1,126 @@
+"""The training loop: exact resume, init checkpoints, TensorBoard events, the gin CLI."""
+import os
+
+import gin
+import jax
+import numpy as np
+import pytest
+from absl import flags
+
+from pixelllm_jax.train import checkpoint as ckpt, main, trainer
+from test_train_step import ToyIterator, ToyModel, mesh_of, toy_loss, toy_optimizer
+
+MESH = (4, 2)
+
+
+def _train(model_dir, num_steps, **kw):
+  kw = {"checkpoint_every": 3, "log_every": 2, "keep_checkpoints": 2, **kw}
+  return trainer.train(
+      model_dir=str(model_dir), model=ToyModel(), loss_fn=toy_loss,
+      train_data=ToyIterator(seed=7), num_steps=num_steps,
+      optimizer=toy_optimizer(total_steps=6), mesh=mesh_of(*MESH), seed=3, **kw)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+  full = _train(tmp_path / "full", 6)
+  first = _train(tmp_path / "split", 3)
+  assert int(first.state.step) == 3
+  resumed = _train(tmp_path / "split", 6)   # a restarted job: new iterator, new objects
+  assert int(resumed.state.step) == 6
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
+               jax.device_get(full.state.params))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.opt_state),
+               jax.device_get(full.state.opt_state))
+  assert resumed.metrics["loss"] == full.metrics["loss"]
+  assert set(full.metrics) == {"loss", "caption_loss", "point_loss", "steps_per_second",
+                               "examples_per_second"}
+  assert full.train_seconds > 0
+
+  # Checkpoints at 3 and 6 hold the iterator position after that many batches.
+  manager = ckpt.make_manager(str(tmp_path / "split" / "checkpoints"))
+  assert manager.all_steps() == [3, 6]
+  _, data_state = ckpt.restore(manager, resumed.state, jax.tree.map(lambda x: x.sharding,
+                                                                   resumed.state))
+  assert data_state == {"position": 6}
+  manager.close()
+  events = os.listdir(tmp_path / "full" / "train")
+  assert any(name.startswith("events.out.tfevents") for name in events)
+  assert os.path.exists(tmp_path / "full" / "config.gin")
+
+  # Finished runs resume to a no-op.
+  again = _train(tmp_path / "split", 6)
+  assert int(again.state.step) == 6
+
+
+def test_init_checkpoint_loads_params_only(tmp_path):
+  source = _train(tmp_path / "source", 2, checkpoint_every=100)
+  ckpt.save_params(str(tmp_path / "imported"), {"t5": jax.device_get(source.state.params["t5"])})
+  # Zero steps: the returned state is the init with the imported 't5' subtree.
+  fresh = _train(tmp_path / "fresh", 0, init_checkpoint=str(tmp_path / "imported"))
+  base = _train(tmp_path / "base", 0)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(fresh.state.params["t5"]),
+               jax.device_get(source.state.params["t5"]))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(fresh.state.params["logits"]),
+               jax.device_get(base.state.params["logits"]))
+  assert int(fresh.state.step) == 0
+
+
+TOY_GIN = """
+import test_train_step
+
+MODEL_DIR = %gin.REQUIRED
+TRAIN_STEPS = %gin.REQUIRED
+
+train.model_dir = %MODEL_DIR
+train.num_steps = %TRAIN_STEPS
+train.model = @ToyModel()
+train.loss_fn = @toy_loss
+train.train_data = @ToyIterator()
+train.optimizer = @make_optimizer()
+train.mesh = @make_mesh()
+train.log_every = 1
+train.checkpoint_every = 100
+
+make_mesh.mesh_shape = (-1, 2)
+make_optimizer.learning_rate = 1e-2
+make_optimizer.warmup_steps = 1
+make_optimizer.total_steps = %TRAIN_STEPS
+make_optimizer.weight_decay = 0.0
+make_optimizer.trainable = @trainable_predicate()
+trainable_predicate.mode = 'paper'
+"""
+
+
+@pytest.fixture
+def gin_toy():
+  """Registers the toy pieces with gin for one test and clears the config after."""
+  import test_train_step as toy
+
+  registered = [gin.external_configurable(obj, module="test_train_step")
+                for obj in (toy.ToyModel, toy.ToyIterator)]
+  gin.external_configurable(toy.toy_loss, module="test_train_step")
+  yield registered
+  gin.clear_config()
+
+
+def test_cli_parses_gin_file_and_bindings(tmp_path, gin_toy):
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "toy.gin").write_text(TOY_GIN)
+  model_dir = tmp_path / "run"
+  argv = ["train", "--gin_file=toy.gin", f"--gin_search_paths={tmp_path / 'configs'}",
+          f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2",
+          "--gin_bindings=ToyIterator.seed = 5"]
+  assert main.rewrite_gin_args(argv)[3] == f"--gin_bindings=MODEL_DIR = '{model_dir}'"
+  try:
+    rest = main.parse_flags(argv)
+    result = main.run(rest)
+  finally:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS.mark_as_parsed()
+  assert int(result.state.step) == 2
+  config = (model_dir / "config.gin").read_text()
+  assert "TRAIN_STEPS = 2" in config and "train.num_steps = %TRAIN_STEPS" in config
+  assert "ToyIterator.seed = 5" in config
+  assert "trainable_predicate.mode = 'paper'" in config
+  assert f"MODEL_DIR = '{model_dir}'" in config
+  assert os.path.isdir(model_dir / "checkpoints" / "2")
