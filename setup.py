@@ -41,7 +41,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "pixelllm-train=pixelllm_jax.train.main:run",
-            "pixelllm-eval=pixelllm_jax.eval:run",
+            "pixelllm-eval=pixelllm_jax.eval.__main__:run",
         ]
     },
 )

@@ -75,6 +75,8 @@ def run(argv: Sequence[str]) -> trainer.TrainResult:
         num_processes=FLAGS.process_count,
         process_id=FLAGS.process_index,
     )
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
   logging.info("Devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())

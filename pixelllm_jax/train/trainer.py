@@ -20,6 +20,7 @@ Contracts:
     `set_state(state)`.
 """
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -159,6 +160,30 @@ def _peek(train_data) -> Batch:
   return first
 
 
+def progress_line(step: int, num_steps: int, metrics: Mapping[str, float]) -> str:
+  """One console line: step, losses, token accuracy and throughput."""
+  parts = [f"step {step}/{num_steps}", f"loss {metrics['loss']:.4f}"]
+  for name in ("text_loss", "point_loss", "token_accuracy"):
+    if name in metrics:
+      parts.append(f"{name} {metrics[name]:.4f}")
+  parts.append(f"{metrics['steps_per_second']:.2f} steps/s")
+  parts.append(f"{metrics['examples_per_second']:.1f} examples/s")
+  return "  ".join(parts)
+
+
+def write_summary(model_dir: str, step: int, seconds: float, metrics: Mapping[str, float]) -> None:
+  """model_dir/train_summary.json: steps and wall-clock training seconds, summed
+  over resumed invocations, plus the last logged metrics."""
+  path = os.path.join(model_dir, "train_summary.json")
+  previous = 0.0
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = float(json.load(f).get("train_seconds", 0.0))
+  with open(path, "w") as f:
+    json.dump({"step": step, "train_seconds": previous + seconds,
+               "last_metrics": {k: float(v) for k, v in metrics.items()}}, f, indent=1)
+
+
 @gin.configurable
 def train(
     *,
@@ -199,13 +224,13 @@ def train(
   if restored is not None:
     state, data_state = restored
     train_data.set_state(data_state)
-    logging.info("Resumed from %s at step %d", model_dir, int(state.step))
+    print(f"Resumed from {model_dir} at step {int(state.step)}", flush=True)
   else:
     state = spec.init(init_rng)
     if init_checkpoint:
       state = state.replace(
           params=ckpt.load_params(init_checkpoint, state.params, shardings.params))
-      logging.info("Loaded initial params from %s", init_checkpoint)
+      print(f"Loaded initial params from {init_checkpoint}", flush=True)
 
   train_step = make_train_step(model, loss_fn, optimizer, mesh=mesh, state_shardings=shardings)
   train_rng = jax.device_put(train_rng, sharding.replicated(mesh))
@@ -224,8 +249,7 @@ def train(
     if step % log_every == 0 or step == num_steps:
       metrics = window.close()
       writer.write_scalars(step, metrics)
-      logging.info("step %d  loss %.4f  %.2f steps/s  %.1f examples/s", step, metrics["loss"],
-                   metrics["steps_per_second"], metrics["examples_per_second"])
+      print(progress_line(step, num_steps, metrics), flush=True)
       window = _Window()
     if step % checkpoint_every == 0 or step == num_steps:
       ckpt.save(manager, step, state, train_data.get_state())
@@ -236,4 +260,6 @@ def train(
   train_seconds = time.perf_counter() - start
   writer.close()
   manager.close()
+  if jax.process_index() == 0:
+    write_summary(model_dir, step, train_seconds, metrics)
   return TrainResult(state=state, metrics=metrics, train_seconds=train_seconds)

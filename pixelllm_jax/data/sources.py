@@ -1,0 +1,70 @@
+"""Which prepared dataset feeds which task, configured from gin.
+
+Each task reads one tfds builder (DESIGN.md section 3); the same builders read
+the generated world (config 'world') and the real datasets (other configs).
+Builders are prepared once into `data_dir` (array_record) and then served by
+random-access data sources.
+"""
+import os
+
+import gin
+import jax
+
+from pixelllm_jax.data import pipeline
+from pixelllm_jax.data.builders import common
+from pixelllm_jax.data.tasks import TaskConfig
+from pixelllm_jax.data.tokenizer import Tokenizer
+
+# task -> tfds builder name.
+BUILDER_OF_TASK = {
+    "caption": "localized_narratives",
+    "trace": "localized_narratives",
+    "refer": "refer",
+    "loca": "vg_densecap",
+}
+
+
+@gin.configurable
+def dataset_dirs(manual_dir: str = gin.REQUIRED, data_dir: str | None = None,
+                 builder_configs: tuple[tuple[str, str], ...] = (
+                     ("localized_narratives", "world"), ("refer", "world"),
+                     ("vg_densecap", "world"))):
+  """(manual_dir, data_dir, {builder: config}); data_dir defaults to manual_dir/tfds."""
+  return manual_dir, data_dir or os.path.join(manual_dir, "tfds"), dict(builder_configs)
+
+
+def data_source(task: str, split: str):
+  """The random-access source of `task`'s builder for `split` (prepared on first use)."""
+  manual_dir, data_dir, configs = dataset_dirs()
+  builder_name = BUILDER_OF_TASK[task]
+  builder = common.prepare(builder_name, configs[builder_name], manual_dir, data_dir)
+  return builder.as_data_source(split)
+
+
+@gin.configurable
+def tokenizer(path: str | None = None, extra_ids: int = 100) -> Tokenizer:
+  """The sentencepiece model at `path` (default: `spiece.model` in the manual dir,
+  where the world generator writes it). Real runs give the T5 `spiece.model`."""
+  if path is None:
+    path = os.path.join(dataset_dirs()[0], "spiece.model")
+  return Tokenizer.from_file(path, extra_ids=extra_ids)
+
+
+@gin.configurable
+def train_data(*, mixture: tuple[tuple[str, float], ...] = gin.REQUIRED, split: str = "train",
+               batch_size: int = gin.REQUIRED, num_slots: int = gin.REQUIRED,
+               num_prompts: int = gin.REQUIRED, seed: int = 0, num_threads: int = 0):
+  """An endless iterator of numpy batches; per-host shard of every source.
+
+  `batch_size` is global; each process reads `batch_size / process_count`.
+  """
+  count = jax.process_count()
+  if batch_size % count:
+    raise ValueError(f"batch_size {batch_size} not divisible by {count} processes")
+  sources = [pipeline.TaskSource(task, data_source(task, split), weight)
+             for task, weight in mixture]
+  dataset = pipeline.make_train_dataset(
+      sources, tokenizer(), TaskConfig(), batch_size=batch_size // count,
+      num_slots=num_slots, num_prompts=num_prompts, seed=seed,
+      shard_index=jax.process_index(), shard_count=count, num_threads=num_threads)
+  return iter(dataset)

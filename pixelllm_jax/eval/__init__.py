@@ -1,0 +1,1 @@
+"""Offline evaluation: `python -m pixelllm_jax.eval` (see evaluator.py)."""
