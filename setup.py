@@ -27,6 +27,10 @@ EXTRAS = {
     # Metrics that need the COCO caption toolkit (CIDEr, BLEU, ROUGE-L; METEOR needs Java).
     "eval": ["pycocoevalcap>=1.2"],
     "test": ["pytest>=8", "pytest-xdist>=3", "portpicker>=1.6"],
+    # Reference implementations for the parity tests and the weight converters' torch
+    # inputs. torch==2.13.0 resolves to the machines' local CPU wheel; a bare `torch`
+    # would pull a multi-GB CUDA build (DESIGN.md section 5).
+    "ref": ["torch==2.13.0", "transformers>=5.0", "timm>=1.0", "safetensors>=0.4"],
 }
 
 setuptools.setup(
