@@ -16,9 +16,9 @@ world look alike):
 - Attributes: every object after the first copies the shape, the colour, or
   both (then differing in size) from an earlier object, so every object has a
   distractor for referring expressions; no two objects share all three.
-- `mask_outline` gives the visible mask's outline along pixel edges in the
-  pixel-*centre* convention of COCO rasterizers (pixel (c, r) centred at
-  (c, r)): PIL's `ImageDraw.polygon` of it reproduces the mask exactly.
+- `mask_outline` gives the visible mask's outline along pixel edges in COCO's
+  convention (pixel (c, r) covers [c, c+1] x [r, r+1]): pycocotools' rasterizer
+  (pixel centre inside) reproduces the mask exactly.
 """
 import dataclasses
 
@@ -245,12 +245,11 @@ def _outline_loops(mask: np.ndarray) -> list[list[tuple[int, int]]]:
 
 
 def mask_outline(mask: np.ndarray) -> list[float]:
-  """COCO polygon [x0, y0, x1, y1, ...] through the centres of the mask's boundary pixels.
+  """COCO polygon [x0, y0, x1, y1, ...]: the corners of the mask's pixel-edge outline.
 
-  The pixel-edge loop is inset by half a pixel: each corner moves along the
-  inward normals of its two edges. In the pixel-centre convention (pixel
-  (c, r) centred at (c, r)) the vertices are integers and an inclusive fill
-  (PIL `ImageDraw.polygon`, OpenCV `fillPoly`) gives back the mask exactly.
+  COCO convention: pixel (c, r) covers [c, c + 1] x [r, r + 1], and a pixel
+  belongs to the polygon when its centre lies inside (pycocotools, and the
+  refer builder's rasterizer), which gives back the mask exactly.
   Raises ValueError if the mask is not a single hole-free piece.
   """
   loops = _outline_loops(mask)
@@ -260,12 +259,7 @@ def mask_outline(mask: np.ndarray) -> list[float]:
   polygon = []
   for i, v in enumerate(loop):
     a, b = loop[i - 1], loop[(i + 1) % len(loop)]
-    d_in, d_out = (v[0] - a[0], v[1] - a[1]), (b[0] - v[0], b[1] - v[1])
-    if d_in == d_out:
+    if (v[0] - a[0], v[1] - a[1]) == (b[0] - v[0], b[1] - v[1]):
       continue  # not a corner
-    # The mask lies to the right of every edge; on screen the right-hand
-    # normal of (dx, dy) is (-dy, dx). Half of both normals, minus half a
-    # pixel for the centre convention.
-    polygon.append(float(v[0] + (-d_in[1] - d_out[1]) / 2 - 0.5))
-    polygon.append(float(v[1] + (d_in[0] + d_out[0]) / 2 - 0.5))
+    polygon.extend([float(v[0]), float(v[1])])
   return polygon
