@@ -1,12 +1,20 @@
 """Training losses (DESIGN.md section 2).
 
 - Caption cross entropy with GRiT-style label smoothing: target probability
-  1 - eps on the true token and eps / (V - 1) on every other id, averaged over
-  tokens with non-zero `decoder_loss_weights` (pad targets carry weight 0).
+  1 - eps on the true token and eps / (V - 1) on every other id, over tokens
+  with non-zero `decoder_loss_weights` (pad targets carry weight 0).
 - Localization L1: mean over the P points and xy of |pred - target| for tokens
-  with non-zero `point_weights`, averaged over those tokens. Coordinates are
-  normalized to [0, 1]; the official code used pixels on a 384 canvas with
-  weight 0.1, which is weight 38.4 here (the default).
+  with non-zero `point_weights`. Coordinates are normalized to [0, 1]; the
+  official code used pixels on a 384 canvas with weight 0.1, which is weight
+  38.4 here (the default).
+
+Averaging. The official batches hold one task each, so each loss is a mean over
+that task's tokens. Our batches mix tasks (one jitted shape for every task), so
+with `per_task_mean` (default) each loss is the mean over the tasks present in
+the batch of that task's token mean: a trace narrative's 25 supervised tokens
+then weigh as much as a referring expression's single box token, as they do
+under the official per-task batches. With `per_task_mean=False` the loss is the
+plain mean over all weighted tokens.
 """
 import dataclasses
 
@@ -23,6 +31,7 @@ class LossConfig:
   label_smoothing: float = 0.1
   point_loss_weight: float = 38.4
   text_loss_weight: float = 1.0
+  per_task_mean: bool = True
 
 
 def smoothed_cross_entropy(
@@ -39,6 +48,27 @@ def smoothed_cross_entropy(
   return -(on * true_logp + off * (jnp.sum(logp, axis=-1) - true_logp))
 
 
+def _weighted_mean(values: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  count = jnp.sum(weights)
+  return jnp.sum(values * weights) / jnp.maximum(count, 1.0), count
+
+
+def _task_mean(values_BxNxL: jax.Array, weights_BxNxL: jax.Array, task_ids_BxN: jax.Array,
+               per_task: bool) -> tuple[jax.Array, jax.Array]:
+  """(mean, token count): plain weighted mean, or the mean over present tasks of each task's mean."""
+  if not per_task:
+    return _weighted_mean(values_BxNxL, weights_BxNxL)
+  means, present = [], []
+  for i in range(len(TASKS)):
+    w = weights_BxNxL * (task_ids_BxN == i)[..., None]
+    mean, count = _weighted_mean(values_BxNxL, w)
+    means.append(mean)
+    present.append((count > 0).astype(jnp.float32))
+  present = jnp.stack(present)
+  total = jnp.sum(jnp.stack(means) * present) / jnp.maximum(jnp.sum(present), 1.0)
+  return total, jnp.sum(weights_BxNxL)
+
+
 @gin.configurable
 def compute_losses(
     output: Output, batch: Batch, config: LossConfig = LossConfig()
@@ -46,13 +76,11 @@ def compute_losses(
   """Returns (total loss, metrics). Metrics are scalars safe to average."""
   text_w = batch.decoder_loss_weights.astype(jnp.float32)
   ce = smoothed_cross_entropy(output.logits, batch.decoder_target_tokens, config.label_smoothing)
-  text_count = jnp.sum(text_w)
-  text_loss = jnp.sum(ce * text_w) / jnp.maximum(text_count, 1.0)
+  text_loss, text_count = _task_mean(ce, text_w, batch.task_ids, config.per_task_mean)
 
   point_w = batch.point_weights.astype(jnp.float32)
   l1 = jnp.mean(jnp.abs(output.points - batch.point_targets), axis=(-1, -2))
-  point_count = jnp.sum(point_w)
-  point_loss = jnp.sum(l1 * point_w) / jnp.maximum(point_count, 1.0)
+  point_loss, point_count = _task_mean(l1, point_w, batch.task_ids, config.per_task_mean)
 
   total = config.text_loss_weight * text_loss + config.point_loss_weight * point_loss
   correct = (jnp.argmax(output.logits, axis=-1) == batch.decoder_target_tokens)
@@ -60,10 +88,13 @@ def compute_losses(
       "loss": total,
       "text_loss": text_loss,
       "point_loss": point_loss,
-      "token_accuracy": jnp.sum(correct * text_w) / jnp.maximum(text_count, 1.0),
+      "token_accuracy": _weighted_mean(correct, text_w)[0],
       "text_tokens": text_count,
       "point_tokens": point_count,
   }
   for i, name in enumerate(TASKS):
+    in_task = (batch.task_ids == i)[..., None]
     metrics[f"slots/{name}"] = jnp.sum(batch.task_ids == i).astype(jnp.float32)
+    if name in ("trace", "refer"):
+      metrics[f"point_l1/{name}"] = _weighted_mean(l1, point_w * in_task)[0]
   return total, metrics

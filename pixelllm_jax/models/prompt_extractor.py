@@ -40,6 +40,9 @@ Array = jax.Array
 Dtype = Any
 
 
+FUSE_MODES = ("sparse", "dense", "sparse+dense")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class PromptExtractorConfig:
@@ -64,6 +67,21 @@ class PromptExtractorConfig:
   output_dim: int = 1024
   layer_norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
+  # Which tokens reach the LM (the official `prompt_fuse_fn`): 'sparse' = the Q
+  # query tokens (every paper config); 'dense' = the h*w updated image tokens;
+  # 'sparse+dense' = both, queries first (this project's addition).
+  fuse: str = "sparse"
+
+  def __post_init__(self):
+    if self.fuse not in FUSE_MODES:
+      raise ValueError(f"PromptExtractorConfig.fuse must be one of {FUSE_MODES}, got {self.fuse!r}")
+
+  def num_tokens(self, grid_hw: tuple[int, int]) -> int:
+    """Visual tokens per prompt for a feature map of `grid_hw`."""
+    dense = grid_hw[0] * grid_hw[1]
+    return {"sparse": self.num_queries, "dense": dense,
+            "sparse+dense": self.num_queries + dense}[self.fuse]
+
 
 
 class PerQueryDense(nn.Module):
@@ -107,7 +125,7 @@ class PromptExtractor(nn.Module):
       dense_prompt_Dp: dense prompt added at every position (`no_mask_embed`).
 
     Returns:
-      float[B, K, Q, output_dim] in `config.dtype`.
+      float[B, K, Tv, output_dim] in `config.dtype`, Tv = config.num_tokens((h, w)).
     """
     cfg = self.config
     b, h, w, _ = image_features_BxhxwxC.shape
@@ -140,7 +158,7 @@ class PromptExtractor(nn.Module):
         variable_axes={"params": None},
         split_rngs={"params": False},
     )
-    out_BxKxNxW, _ = two_way_over_prompts(
+    out_BxKxNxW, image_out_BxKxSxW = two_way_over_prompts(
         depth=cfg.depth,
         embedding_dim=cfg.width,
         num_heads=cfg.num_heads,
@@ -150,6 +168,12 @@ class PromptExtractor(nn.Module):
         name="transformer",
     )(image_BxSxW, pe_BxSxW, tokens_BxKxNxW)
 
-    visual_BxKxQxO = PerQueryDense(cfg.output_dim, dtype=dtype, name="output_heads")(
-        out_BxKxNxW[:, :, :cfg.num_queries])
-    return nn.with_logical_constraint(visual_BxKxQxO, ("batch", None, "length", "embed"))
+    parts = []
+    if cfg.fuse in ("sparse", "sparse+dense"):
+      parts.append(PerQueryDense(cfg.output_dim, dtype=dtype, name="output_heads")(
+          out_BxKxNxW[:, :, :cfg.num_queries]))
+    if cfg.fuse in ("dense", "sparse+dense"):
+      parts.append(layers.dense(cfg.output_dim, ("embed", "mlp"), dtype=dtype,
+                                name="dense_head")(image_out_BxKxSxW))
+    visual = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
+    return nn.with_logical_constraint(visual, ("batch", None, "length", "embed"))
