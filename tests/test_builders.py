@@ -1,4 +1,5 @@
 """tfds builders on tiny fixtures written in the official layouts (world configs)."""
+import io
 import json
 import os
 import pickle
@@ -219,10 +220,11 @@ def test_refer_missing_files_listed_in_one_error(tmp_path):
   assert f"MISSING {tmp_path}/manual/refer/world/refs(umd).p" in message
 
 
-def test_refer_rle_segmentation_is_not_implemented():
-  ann = _ann(40, 1, [0, 0, 2, 2], {"size": [10, 20], "counts": "abc"})
-  with pytest.raises(NotImplementedError, match="annotation 40"):
-    refer._object(ann, 20, 10)
+def test_refer_rle_segmentation_is_decoded():
+  # More RLE cases (both forms, malformed ones) in tests/test_builders_real.py.
+  ann = _ann(40, 1, [0, 0, 2, 2], {"size": [10, 20], "counts": [0, 2, 8, 2, 188]})
+  mask = np.asarray(Image.open(io.BytesIO(refer._object(ann, 20, 10)["mask"])))
+  assert mask.shape == (10, 20) and mask.sum() == 4 and mask[:2, :2].all()
 
 
 # ---------------------------------------------------------------- VG dense captioning

@@ -31,6 +31,7 @@ BUILDERS = {  # tfds name -> (module, class)
     "localized_narratives": ("pixelllm_jax.data.builders.localized_narratives", "LocalizedNarratives"),
     "refer": ("pixelllm_jax.data.builders.refer", "Refer"),
     "vg_densecap": ("pixelllm_jax.data.builders.vg_densecap", "VgDensecap"),
+    "coco_captions": ("pixelllm_jax.data.builders.coco_captions", "CocoCaptions"),
 }
 
 
@@ -77,6 +78,13 @@ def record_skips(info: tfds.core.DatasetInfo, counter: SkipCounter) -> None:
   """Stores a split's skip counts in the DatasetInfo metadata and prints them."""
   info.metadata.setdefault("skipped", {})[counter.split] = dict(counter.counts)
   print(counter.summary())
+
+
+def check_yielded(counter: SkipCounter, num_yielded: int) -> None:
+  """tfds cannot write an empty split: say why instead (every record skipped)."""
+  if not num_yielded:
+    raise ValueError(f"{counter.dataset}/{counter.split}: no valid record to write; "
+                     f"{counter.summary()}")
 
 
 def skipped_counts(builder: tfds.core.DatasetBuilder) -> dict[str, dict[str, int]]:

@@ -1,22 +1,49 @@
-"""tfds builder for RefCOCO-family data in the "refer" layout -> array_record.
+"""tfds builder for RefCOCO / RefCOCO+ / RefCOCOg -> array_record (`refer` records).
 
-Reads `<dataset_dir>/refs(<split_by>).p` (a pickled list of refs, loaded with
-a restricted unpickler: a data file never runs code) and
-`<dataset_dir>/instances.json` (COCO-style images / annotations). One record
-per (split, image) with the referred objects and every expression of them;
-splits come from the refs' `split` field. See docs/DATA_FORMATS.md.
+Two official layouts, one record schema (docs/DATA_FORMATS.md "Builder
+records"): one record per (split, COCO image) with the referred objects and
+every expression of them.
+
+- "refer" layout (github.com/lichengunc/refer): `<dir>/refs(<split_by>).p` (a
+  pickled list of refs, loaded with a restricted unpickler: a data file never
+  runs code) and `<dir>/instances.json` (COCO images / annotations). Splits
+  come from the refs' `split` field. Read in `refer_layout.py`.
+- MDETR layout (`final_<dataset>_<split>.json`, one COCO image entry per
+  expression, regrouped here by `original_img_id`). Read in `mdetr_refer.py`.
+
+Configs (paths relative to the manual dir; COCO train2014 images in
+`coco/train2014/COCO_train2014_{id:012d}.jpg`, as `file_name` names them):
+
+  world             refer/world/{instances.json, refs(umd).p}, images/      train/val/test
+  refcoco_unc       refer/refcoco/{instances.json, refs(unc).p}             train/val/testA/testB
+  refcoco_google    refer/refcoco/{instances.json, refs(google).p}          train/val/test
+  refcocoplus_unc   refer/refcoco+/{instances.json, refs(unc).p}            train/val/testA/testB
+  refcocog_umd      refer/refcocog/{instances.json, refs(umd).p}            train/val/test
+  refcocog_google   refer/refcocog/{instances.json, refs(google).p}         train/val
+  refcoco_mixed     the three unc/unc/umd sets above, split `train` only
+  mdetr_refcoco     mdetr_annotations/final_refcoco_{train,val,testA,testB}.json
+  mdetr_refcocoplus mdetr_annotations/final_refcoco+_{train,val,testA,testB}.json
+  mdetr_refcocog    mdetr_annotations/final_refcocog_{train,val,test}.json
+  mdetr_mixed       the three MDETR sets above, split `train` only
+
+The `*_mixed` configs are the combined referring training set: the train
+splits of RefCOCO, RefCOCO+ and RefCOCOg together, minus every image that
+appears in any val/test split of any of the three (counted as "image in a
+held-out split"). An image's expressions from the three sets share one record;
+their `ref_id`/`sent_id` become `source * 10**9 + id` (source 0 RefCOCO,
+1 RefCOCO+, 2 RefCOCOg) so they stay unique. The google splits are not mixed:
+they partition objects, not images.
 
 Choices:
 - `objects` holds the referred annotations only (in order of first ref);
   objects whose every expression was skipped are left out.
-- The expression text is the refer toolkit's normalized `sent`.
-- Masks are rasterized from the COCO polygons by sampling pixel centers
-  (even-odd rule within a polygon, union across an object's polygons), as
-  pycocotools does; PIL's `ImageDraw.polygon` fills a closed outline and
-  grows every mask by about a pixel, so it is not used. Values are 0/1.
-  RLE segmentations (crowd annotations) raise NotImplementedError.
+- The expression text is the refer toolkit's normalized `sent` (MDETR:
+  `caption`).
+- Masks: `masks.segmentation_to_mask` (polygons, compressed and uncompressed
+  RLE), values 0/1.
+- Bad refs, objects, expressions and images are skipped and counted per split
+  (the pickle's own problems under split "index").
 """
-import collections
 import dataclasses
 import io
 import os
@@ -27,37 +54,88 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from pixelllm_jax.data.builders import common
+from pixelllm_jax.data.builders import mdetr_refer
+from pixelllm_jax.data.builders import refer_layout
+from pixelllm_jax.data.builders.masks import polygons_to_mask, rle_to_mask, segmentation_to_mask  # noqa: F401  (re-exported)
+from pixelllm_jax.data.builders.refer_layout import ReferImage
+
+SOURCE_ID_STRIDE = 10**9  # mixed configs: ref_id / sent_id = source * stride + id
+_UNC = ("train", "val", "testA", "testB")
+_UMD = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferSource:
+  """One annotation set. Refer layout: `dataset_dir` + `split_by`; MDETR:
+  `mdetr_pattern` (a JSON path formatted with `split`). `splits` it holds."""
+  dataset_dir: str = ""
+  split_by: str = ""
+  mdetr_pattern: str = ""
+  splits: tuple[str, ...] = ()
+
+  def files(self) -> list[str]:
+    if self.mdetr_pattern:
+      return [self.mdetr_pattern.format(split=s) for s in self.splits]
+    return [f"{self.dataset_dir}/instances.json", f"{self.dataset_dir}/refs({self.split_by}).p"]
 
 
 @dataclasses.dataclass(eq=False)
 class ReferConfig(tfds.core.BuilderConfig):
-  """`dataset_dir` and `image_dir` are relative to the manual dir."""
-  dataset_dir: str = ""
-  split_by: str = ""
+  """`sources` and `image_dir` are relative to the manual dir. `splits` are the
+  output splits; with `mixed`, every source's other splits are held out."""
+  sources: tuple[ReferSource, ...] = ()
   splits: tuple[str, ...] = ()
-  image_dir: str = "images"
+  image_dir: str = "coco/train2014"
+  mixed: bool = False
+  coco_instances: str = "coco/annotations/instances_train2014.json"  # optional, MDETR masks
+
+
+def _refer(name: str, dataset: str, split_by: str, splits: tuple[str, ...]) -> ReferConfig:
+  return ReferConfig(name=name, description=f"{dataset} ({split_by} splits), refer layout.",
+                     sources=(ReferSource(f"refer/{dataset}", split_by, splits=splits),),
+                     splits=splits)
+
+
+def _mdetr(name: str, dataset: str, splits: tuple[str, ...]) -> ReferConfig:
+  return ReferConfig(name=name, description=f"{dataset}, MDETR layout.",
+                     sources=(ReferSource(mdetr_pattern=f"mdetr_annotations/final_{dataset}_{{split}}.json",
+                                          splits=splits),), splits=splits)
+
+
+_SETS = (("refcoco", "unc", _UNC), ("refcoco+", "unc", _UNC), ("refcocog", "umd", _UMD))
 
 
 class Refer(common.ManualDataBuilder):
-  """Referring expressions (RefCOCO / RefCOCO+ / RefCOCOg, refer layout)."""
+  """Referring expressions (RefCOCO / RefCOCO+ / RefCOCOg; refer or MDETR layout)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "RLE masks, google splits, MDETR layout, mixed train sets."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  Put the refer toolkit data in the manual dir: <dataset_dir>/instances.json
-  and <dataset_dir>/refs(<split_by>).p (e.g. refcoco/refs(unc).p), and the
-  COCO train2014 images in the config's image_dir.
+  Refer layout: unzip refcoco.zip, refcoco+.zip, refcocog.zip (lichengunc/refer)
+  into <manual>/refer/ (refer/refcoco/refs(unc).p, refer/refcoco/instances.json,
+  ...). MDETR layout: unpack mdetr_annotations.tar.gz into
+  <manual>/mdetr_annotations/. COCO train2014 images in <manual>/coco/train2014/.
   """
   BUILDER_CONFIGS = [
       ReferConfig(name="world", description="The generated grounded world.",
-                  dataset_dir="refer/world", split_by="umd", splits=("train", "val", "test"),
+                  sources=(ReferSource("refer/world", "umd", splits=_UMD),), splits=_UMD,
                   image_dir="images"),
-      ReferConfig(name="refcoco_unc", dataset_dir="refcoco", split_by="unc",
-                  splits=("train", "val", "testA", "testB"), image_dir="train2014"),
-      ReferConfig(name="refcocoplus_unc", dataset_dir="refcoco+", split_by="unc",
-                  splits=("train", "val", "testA", "testB"), image_dir="train2014"),
-      ReferConfig(name="refcocog_umd", dataset_dir="refcocog", split_by="umd",
-                  splits=("train", "val", "test"), image_dir="train2014"),
+      _refer("refcoco_unc", "refcoco", "unc", _UNC),
+      _refer("refcoco_google", "refcoco", "google", _UMD),
+      _refer("refcocoplus_unc", "refcoco+", "unc", _UNC),
+      _refer("refcocog_umd", "refcocog", "umd", _UMD),
+      _refer("refcocog_google", "refcocog", "google", ("train", "val")),
+      ReferConfig(name="refcoco_mixed", description="RefCOCO/+/g train minus all val/test images.",
+                  sources=tuple(ReferSource(f"refer/{d}", s, splits=sp) for d, s, sp in _SETS),
+                  splits=("train",), mixed=True),
+      _mdetr("mdetr_refcoco", "refcoco", _UNC),
+      _mdetr("mdetr_refcocoplus", "refcoco+", _UNC),
+      _mdetr("mdetr_refcocog", "refcocog", _UMD),
+      ReferConfig(name="mdetr_mixed", description="MDETR RefCOCO/+/g train minus all val/test images.",
+                  sources=tuple(ReferSource(mdetr_pattern=f"mdetr_annotations/final_{d}_{{split}}.json",
+                                            splits=sp) for d, _, sp in _SETS),
+                  splits=("train",), mixed=True),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -85,129 +163,111 @@ class Refer(common.ManualDataBuilder):
     cfg = self.builder_config
     manual_dir = os.fspath(dl_manager.manual_dir)
     name = f"{self.name}/{cfg.name}"
-    found = common.check_files_exist(name, manual_dir, [
-        f"{cfg.dataset_dir}/instances.json", f"{cfg.dataset_dir}/refs({cfg.split_by}).p",
-        cfg.image_dir])
+    files = [f for source in cfg.sources for f in source.files()]
+    found = common.check_files_exist(name, manual_dir, [*dict.fromkeys(files), cfg.image_dir])
     index_skips = common.SkipCounter(name, "index")
-    instances = _Instances(found[f"{cfg.dataset_dir}/instances.json"][0], index_skips)
-    refs_by_split = _group_refs(found[f"{cfg.dataset_dir}/refs({cfg.split_by}).p"][0],
-                                cfg.splits, index_skips)
+    skips = {split: common.SkipCounter(name, split) for split in cfg.splits}
+    segmentations = mdetr_refer.CocoSegmentations(os.path.join(manual_dir, cfg.coco_instances))
+    offsets = [i * SOURCE_ID_STRIDE if len(cfg.sources) > 1 else 0 for i in range(len(cfg.sources))]
+    tables: list[dict[str, dict[int, ReferImage]]] = []
+    for source, offset in zip(cfg.sources, offsets):
+      if source.mdetr_pattern:
+        tables.append({s: mdetr_refer.read_split(found[source.mdetr_pattern.format(split=s)][0],
+                                                 offset, segmentations,
+                                                 skips.get(s, index_skips))
+                       for s in source.splits})
+      else:
+        tables.append(refer_layout.read_source(
+            found[f"{source.dataset_dir}/instances.json"][0],
+            found[f"{source.dataset_dir}/refs({source.split_by}).p"][0],
+            source.splits, offset, index_skips))
     common.record_skips(self.info, index_skips)
     image_dir = os.path.join(manual_dir, cfg.image_dir)
-    return {split: self._generate_examples(split, refs_by_split[split], instances, image_dir)
+    return {split: self._generate_examples(split, _merge(tables, split, cfg, skips[split]),
+                                           image_dir, skips[split])
             for split in cfg.splits}
 
-  def _generate_examples(self, split: str, refs_by_image: dict[int, list[dict[str, Any]]],
-                         instances: "_Instances", image_dir: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    skips = common.SkipCounter(f"{self.name}/{self.builder_config.name}", split)
-    for image_id, refs in sorted(refs_by_image.items()):
+  def _generate_examples(self, split: str, images: dict[int, ReferImage], image_dir: str,
+                         skips: common.SkipCounter) -> Iterator[tuple[str, dict[str, Any]]]:
+    num_yielded = 0
+    for image_id, image in sorted(images.items()):
       try:
-        example = _image_example(image_id, refs, instances, image_dir, skips)
+        example = _image_example(image_id, image, image_dir, skips)
       except common.BadRecord as e:
         skips.skip(e, f"image {image_id}")
         continue
+      num_yielded += 1
       yield str(image_id), example
     common.record_skips(self.info, skips)
+    common.check_yielded(skips, num_yielded)
 
 
-class _Instances:
-  """instances.json indexed by image id and annotation id (duplicates skipped)."""
-
-  def __init__(self, path: str, skips: common.SkipCounter):
-    self.path = path
-    data = common.load_json(path)
-    if not isinstance(data, dict) or not all(
-        isinstance(data.get(k), list) for k in ("images", "annotations")):
-      raise ValueError(f"{path}: expected a COCO object with 'images' and 'annotations' lists")
-    self.images = self._index(data["images"], "image", skips)
-    self.annotations = self._index(data["annotations"], "annotation", skips)
-
-  def _index(self, entries: list[Any], what: str, skips: common.SkipCounter) -> dict[int, dict[str, Any]]:
-    index: dict[int, dict[str, Any]] = {}
-    for i, entry in enumerate(entries):
-      where = f"{self.path} {what}s[{i}]"
-      if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
-        skips.skip(common.BadRecord(f"malformed {what} entry"), where)
-      elif entry["id"] in index:
-        skips.skip(common.BadRecord(f"duplicate {what} id", str(entry["id"])), where)
-      else:
-        index[entry["id"]] = entry
-    return index
-
-
-def _group_refs(path: str, splits: tuple[str, ...],
-                skips: common.SkipCounter) -> dict[str, dict[int, list[dict[str, Any]]]]:
-  """{split: {image_id: [ref, ...]}} from the refs pickle; bad refs are skipped."""
-  refs = common.load_plain_pickle(path)
-  if not isinstance(refs, list):
-    raise ValueError(f"{path}: expected a list of refs, got {type(refs).__name__}")
-  grouped: dict[str, dict[int, list[dict[str, Any]]]] = {s: collections.defaultdict(list) for s in splits}
-  seen: set[int] = set()
-  for i, ref in enumerate(refs):
-    where = f"{path} ref[{i}]"
-    if not isinstance(ref, dict) or not all(
-        isinstance(ref.get(k), int) for k in ("ref_id", "ann_id", "image_id")) or not isinstance(
-            ref.get("sentences"), list):
-      skips.skip(common.BadRecord("malformed ref"), where)
-    elif ref["ref_id"] in seen:
-      skips.skip(common.BadRecord("duplicate ref id", str(ref["ref_id"])), where)
-    elif ref.get("split") not in grouped:
-      skips.skip(common.BadRecord("ref split not in config", repr(ref.get("split"))), where)
-    else:
-      seen.add(ref["ref_id"])
-      grouped[ref["split"]][ref["image_id"]].append(ref)
-  return {s: dict(by_image) for s, by_image in grouped.items()}
+def _merge(tables: list[dict[str, dict[int, ReferImage]]], split: str, cfg: ReferConfig,
+           skips: common.SkipCounter) -> dict[int, ReferImage]:
+  """`split`'s images over all sources; mixed: minus images of held-out splits."""
+  held_out: set[int] = set()
+  if cfg.mixed:
+    held_out = {image_id for table in tables for s, images in table.items()
+                if s not in cfg.splits for image_id in images}
+  merged: dict[int, ReferImage] = {}
+  for table in tables:
+    for image_id, image in table.get(split, {}).items():
+      if image_id in held_out:
+        continue
+      if image_id not in merged:
+        merged[image_id] = ReferImage(image.info, [])
+      elif merged[image_id].info is None:
+        merged[image_id].info = image.info
+      merged[image_id].expressions.extend(image.expressions)
+  dropped = {i for table in tables for i in table.get(split, {}) if i in held_out}
+  for image_id in sorted(dropped):
+    skips.skip(common.BadRecord("image in a held-out split", "a val/test split holds it"),
+               f"image {image_id}")
+  return merged
 
 
-def _image_example(image_id: int, refs: list[dict[str, Any]], instances: _Instances,
-                   image_dir: str, skips: common.SkipCounter) -> dict[str, Any]:
+def _image_example(image_id: int, image: ReferImage, image_dir: str,
+                   skips: common.SkipCounter) -> dict[str, Any]:
   """One image's record; bad objects/expressions are skipped and counted."""
-  info = instances.images.get(image_id)
+  info = image.info
   if info is None or not isinstance(info.get("file_name"), str):
     raise common.BadRecord("image not in instances.json", str(image_id))
   image_bytes, width, height = common.load_image(os.path.join(image_dir, info["file_name"]))
   if (info.get("width"), info.get("height")) != (width, height):
-    raise common.BadRecord("image size differs from instances.json",
+    raise common.BadRecord("image size differs from the annotations",
                            f"file {width}x{height}, json {info.get('width')}x{info.get('height')}")
 
   objects: list[dict[str, Any]] = []
   object_index: dict[int, int] = {}
+  built: dict[int, dict[str, Any] | common.BadRecord] = {}
   expressions: list[dict[str, Any]] = []
   seen_sent_ids: set[int] = set()
-  for ref in sorted(refs, key=lambda r: r["ref_id"]):
-    where = f"image {image_id} ref {ref['ref_id']}"
+  for expr in sorted(image.expressions, key=lambda e: e.ref_id):
     try:
-      ann = instances.annotations.get(ref["ann_id"])
-      if ann is None:
-        raise common.BadRecord("ref annotation not in instances.json", str(ref["ann_id"]))
-      if ann.get("image_id") != image_id:
-        raise common.BadRecord("ref and annotation disagree on the image")
-      obj = _object(ann, width, height) if ann["id"] not in object_index else None
+      if expr.error is not None:
+        raise expr.error
+      ann = expr.ann
+      if ann["id"] not in built:
+        try:
+          built[ann["id"]] = _object(ann, width, height)
+        except common.BadRecord as e:
+          built[ann["id"]] = e
+      if isinstance(built[ann["id"]], common.BadRecord):
+        raise built[ann["id"]]
+      if not isinstance(expr.sent_id, int):
+        raise common.BadRecord("malformed sentence", repr(expr.sent_id)[:80])
+      if expr.sent_id in seen_sent_ids:
+        raise common.BadRecord("duplicate sent id", str(expr.sent_id))
+      text = common.clean_text(expr.text, "expression")
     except common.BadRecord as e:
-      skips.skip(e, where)
+      skips.skip(e, f"{expr.where} (image {image_id})")
       continue
-    new_expressions = []
-    for sentence in ref["sentences"]:
-      try:
-        sent_id = sentence.get("sent_id") if isinstance(sentence, dict) else None
-        if not isinstance(sent_id, int):
-          raise common.BadRecord("malformed sentence", repr(sentence)[:80])
-        if sent_id in seen_sent_ids:
-          raise common.BadRecord("duplicate sent id", str(sent_id))
-        text = common.clean_text(sentence.get("sent"), "expression")
-      except common.BadRecord as e:
-        skips.skip(e, where)
-        continue
-      seen_sent_ids.add(sent_id)
-      new_expressions.append({"ref_id": ref["ref_id"], "sent_id": sent_id, "text": text})
-    if not new_expressions:
-      continue
-    if obj is not None:
+    seen_sent_ids.add(expr.sent_id)
+    if ann["id"] not in object_index:
       object_index[ann["id"]] = len(objects)
-      objects.append(obj)
-    for expression in new_expressions:
-      expression["object_index"] = object_index[ann["id"]]
-    expressions.extend(new_expressions)
+      objects.append(built[ann["id"]])
+    expressions.append({"ref_id": expr.ref_id, "sent_id": expr.sent_id,
+                        "object_index": object_index[ann["id"]], "text": text})
   if not expressions:
     raise common.BadRecord("no valid expressions")
   return {"image": image_bytes, "image_id": image_id, "objects": objects, "expressions": expressions}
@@ -217,45 +277,9 @@ def _object(ann: dict[str, Any], width: int, height: int) -> dict[str, Any]:
   box = common.xywh_to_normalized_xyxy(ann.get("bbox"), width, height)
   if not isinstance(ann.get("category_id"), int):
     raise common.BadRecord("malformed category_id", repr(ann.get("category_id")))
-  segmentation = ann.get("segmentation")
-  if isinstance(segmentation, dict):
-    raise NotImplementedError(
-        f"annotation {ann['id']}: RLE segmentations are not supported yet (only polygons)")
-  mask_HxW = polygons_to_mask(segmentation, width, height)
+  if ann.get("segmentation") is None:
+    raise common.BadRecord("annotation without segmentation", f"annotation {ann['id']}")
+  mask_HxW = segmentation_to_mask(ann["segmentation"], width, height)
   png = io.BytesIO()
   Image.fromarray(mask_HxW).save(png, format="PNG")
-  return {"id": ann["id"], "box": box, "category": ann["category_id"],
-          "mask": png.getvalue()}
-
-
-def polygons_to_mask(polygons: Any, width: int, height: int) -> np.ndarray:
-  """uint8[H, W] 0/1 mask of COCO polygons ([[x0, y0, x1, y1, ...], ...], pixels).
-
-  A pixel is inside when its center is (even-odd rule per polygon, union over
-  polygons); edges are half-open (left/top in, right/bottom out), so polygons
-  that tile a region cover each pixel once. Raises BadRecord on a malformed or empty segmentation.
-  """
-  if not isinstance(polygons, list) or not polygons:
-    raise common.BadRecord("malformed segmentation", repr(polygons)[:80])
-  mask_HxW = np.zeros((height, width), bool)
-  centers_y = np.arange(height) + 0.5
-  centers_x = np.arange(width) + 0.5
-  for polygon in polygons:
-    try:
-      xy_Px2 = np.asarray(polygon, np.float64).reshape(-1, 2)
-    except (TypeError, ValueError) as e:
-      raise common.BadRecord("malformed segmentation", repr(polygon)[:80]) from e
-    if len(xy_Px2) < 3 or len(polygon) % 2 or not np.all(np.isfinite(xy_Px2)):
-      raise common.BadRecord("malformed segmentation", repr(polygon)[:80])
-    x0, y0 = xy_Px2[:, 0], xy_Px2[:, 1]
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    # Edge e crosses the row through y when y lies in [min(y0, y1), max(y0, y1)).
-    crosses_HxE = (y0 <= centers_y[:, None]) != (y1 <= centers_y[:, None])
-    slope_E = np.divide(x1 - x0, y1 - y0, out=np.zeros_like(x0), where=y1 != y0)
-    cross_x_HxE = x0 + (centers_y[:, None] - y0) * slope_E
-    for row in np.flatnonzero(crosses_HxE.any(axis=1)):
-      xs = np.sort(cross_x_HxE[row, crosses_HxE[row]])
-      # Half-open like the rows: a center on a left edge is in, on a right edge out.
-      inside_W = np.searchsorted(xs, centers_x, side="right") % 2 == 1
-      mask_HxW[row] |= inside_W
-  return mask_HxW.astype(np.uint8)
+  return {"id": ann["id"], "box": box, "category": ann["category_id"], "mask": png.getvalue()}

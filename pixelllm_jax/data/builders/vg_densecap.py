@@ -1,10 +1,23 @@
-"""tfds builder for Visual Genome dense captioning (GRiT-style JSON) -> array_record.
+"""tfds builder for Visual Genome dense captioning -> array_record.
 
-Each split is one COCO-style JSON: `images` [{id, file_name, width, height}],
-`annotations` [{id, image_id, bbox [x, y, w, h] pixels, caption}]. One record
-per image with its regions, boxes normalized to xyxy in [0, 1] (see
+One record per image with its regions, boxes normalized to xyxy in [0, 1] (see
 docs/DATA_FORMATS.md). Images without a valid region are skipped (counted):
-a dense-captioning record with no target teaches nothing.
+a dense-captioning record with no target teaches nothing. Two layouts (paths
+relative to the manual dir):
+
+- `grit` (GRiT's split): `vg/annotations/{train,test}.json`, each COCO-style:
+  `images` [{id, file_name, width, height}], `annotations` [{id, image_id,
+  bbox [x, y, w, h] pixels, caption}]; images in `vg/images/`. (`world`: the
+  same layout at `vg/{split}.json`, images in `images/`.)
+- `densecap` (raw Visual Genome + Johnson et al.'s DenseCap split):
+  `vg/region_descriptions.json` ([{id (image id; `image_id` also accepted),
+  regions: [{region_id (or id), image_id, phrase, x, y, width, height}]}]),
+  `vg/image_data.json` ([{image_id (or id), width, height, url}]; the url's
+  folder, VG_100K or VG_100K_2, locates the file `{image_id}.jpg`, else both
+  folders are tried), `vg/densecap_splits.json` ({"train": [ids], "val":
+  [ids], "test": [ids]}), images in `vg/VG_100K/` and `vg/VG_100K_2/`. Only
+  images the split file lists are read; DenseCap's own phrase-length filter
+  is not applied. An image in two splits is skipped from both (counted).
 """
 import collections
 import dataclasses
@@ -15,14 +28,21 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from pixelllm_jax.data.builders import common
+from pixelllm_jax.data.builders import vg_raw
 
 
 @dataclasses.dataclass(eq=False)
 class VgDensecapConfig(tfds.core.BuilderConfig):
-  """`annotation_pattern` (formatted with `split`) and `image_dir` are relative to the manual dir."""
+  """Paths relative to the manual dir. grit: `annotation_pattern` (formatted
+  with `split`); densecap: the three raw files and `image_folders` (inside
+  `image_dir`)."""
   annotation_pattern: str = ""
   image_dir: str = "images"
   splits: tuple[str, ...] = ()
+  region_file: str = ""
+  image_data_file: str = ""
+  split_file: str = ""
+  image_folders: tuple[str, ...] = ()
 
 
 class VgDensecap(common.ManualDataBuilder):
@@ -31,8 +51,9 @@ class VgDensecap(common.ManualDataBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  Put GRiT's VG dense-captioning JSONs (train.json, test.json) in the config's
-  annotation folder and the Visual Genome images in its image_dir.
+  grit: GRiT's VG JSONs as vg/annotations/{train,test}.json, images in vg/images/.
+  densecap: vg/region_descriptions.json, vg/image_data.json,
+  vg/densecap_splits.json, images in vg/VG_100K/ and vg/VG_100K_2/.
   """
   BUILDER_CONFIGS = [
       VgDensecapConfig(name="world", description="The generated grounded world.",
@@ -41,6 +62,11 @@ class VgDensecap(common.ManualDataBuilder):
       VgDensecapConfig(name="grit", description="GRiT's VG dense-captioning split.",
                        annotation_pattern="vg/annotations/{split}.json", image_dir="vg/images",
                        splits=("train", "test")),
+      VgDensecapConfig(name="densecap", description="Raw VG regions, DenseCap splits.",
+                       region_file="vg/region_descriptions.json",
+                       image_data_file="vg/image_data.json", split_file="vg/densecap_splits.json",
+                       image_dir="vg", image_folders=("VG_100K", "VG_100K_2"),
+                       splits=("train", "val", "test")),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -61,25 +87,38 @@ class VgDensecap(common.ManualDataBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     cfg = self.builder_config
     manual_dir = os.fspath(dl_manager.manual_dir)
-    patterns = {split: cfg.annotation_pattern.format(split=split) for split in cfg.splits}
-    found = common.check_files_exist(f"{self.name}/{cfg.name}", manual_dir,
-                                     [*patterns.values(), cfg.image_dir])
+    name = f"{self.name}/{cfg.name}"
     image_dir = os.path.join(manual_dir, cfg.image_dir)
-    return {split: self._generate_examples(split, found[pattern][0], image_dir)
+    if cfg.region_file:
+      files = [cfg.region_file, cfg.image_data_file, cfg.split_file,
+               *(f"{cfg.image_dir}/{d}" for d in cfg.image_folders)]
+      found = common.check_files_exist(name, manual_dir, files)
+      skips = {split: common.SkipCounter(name, split) for split in cfg.splits}
+      tables = vg_raw.read(*(found[f][0] for f in files[:3]), cfg.splits, image_dir,
+                           cfg.image_folders, skips)
+      return {split: self._generate_examples(split, tables[split], found[cfg.region_file][0],
+                                             image_dir, skips[split])
+              for split in cfg.splits}
+    patterns = {split: cfg.annotation_pattern.format(split=split) for split in cfg.splits}
+    found = common.check_files_exist(name, manual_dir, [*patterns.values(), cfg.image_dir])
+    return {split: self._generate_examples(split, found[pattern][0], found[pattern][0], image_dir,
+                                           common.SkipCounter(name, split))
             for split, pattern in patterns.items()}
 
-  def _generate_examples(self, split: str, path: str,
-                         image_dir: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    skips = common.SkipCounter(f"{self.name}/{self.builder_config.name}", split)
-    images, regions_by_image = _read_split(path, skips)
+  def _generate_examples(self, split: str, table: Any, path: str, image_dir: str,
+                         skips: common.SkipCounter) -> Iterator[tuple[str, dict[str, Any]]]:
+    images, regions_by_image = _read_split(table, skips) if isinstance(table, str) else table
+    num_yielded = 0
     for image_id, info in sorted(images.items()):
       try:
         example = _image_example(info, regions_by_image.get(image_id, []), image_dir, skips, path)
       except common.BadRecord as e:
         skips.skip(e, f"{path} image {image_id}")
         continue
+      num_yielded += 1
       yield str(image_id), example
     common.record_skips(self.info, skips)
+    common.check_yielded(skips, num_yielded)
 
 
 def _read_split(path: str, skips: common.SkipCounter
