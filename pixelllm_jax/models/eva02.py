@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixelllm_jax import layers
+from pixelllm_jax.models import pos_embed as pos_embed_lib
 from pixelllm_jax.models import resize
 
 Array = jax.Array
@@ -75,6 +76,14 @@ class EVA02Config:
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   remat: bool = False
+  # 'sincos' (2-D sine-cosine start) or 'normal' (the reference init); only
+  # matters when training from scratch: imported weights overwrite it.
+  pos_embed_init: str = "sincos"
+
+  def __post_init__(self):
+    if self.pos_embed_init not in pos_embed_lib.POS_EMBED_INITS:
+      raise ValueError(f"EVA02Config.pos_embed_init must be one of "
+                       f"{pos_embed_lib.POS_EMBED_INITS}, got {self.pos_embed_init!r}")
 
   @property
   def head_dim(self) -> int:
@@ -179,8 +188,10 @@ class EVA02ViT(nn.Module):
     b, h, w, d = x.shape
     cls = self.param("cls_token", layers.param_init(nn.initializers.normal(0.02), ("embed",)),
                      (d,))
+    pos_init = (pos_embed_lib.sincos_init(cfg.pretrain_grid, num_prefix_tokens=1)
+                if cfg.pos_embed_init == "sincos" else nn.initializers.normal(0.02))
     pos_embed = self.param(
-        "pos_embed", layers.param_init(nn.initializers.normal(0.02), ("pos", "embed")),
+        "pos_embed", layers.param_init(pos_init, ("pos", "embed")),
         (1 + cfg.pretrain_grid**2, d))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)),
                          x.reshape(b, h * w, d)], axis=1)

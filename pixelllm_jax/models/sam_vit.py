@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixelllm_jax import layers
+from pixelllm_jax.models import pos_embed as pos_embed_lib
 from pixelllm_jax.models import resize
 
 Array = jax.Array
@@ -72,6 +73,14 @@ class SamViTConfig:
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   remat: bool = False
+  # 'sincos' (2-D sine-cosine start) or 'normal' (the reference init); only
+  # matters when training from scratch: imported weights overwrite it.
+  pos_embed_init: str = "sincos"
+
+  def __post_init__(self):
+    if self.pos_embed_init not in pos_embed_lib.POS_EMBED_INITS:
+      raise ValueError(f"SamViTConfig.pos_embed_init must be one of "
+                       f"{pos_embed_lib.POS_EMBED_INITS}, got {self.pos_embed_init!r}")
 
   @property
   def head_dim(self) -> int:
@@ -206,8 +215,9 @@ class SamViT(nn.Module):
         name="patch_embed")(x)
     _, h, w, d = x.shape
     g = cfg.pretrain_grid
-    pos_embed = self.param(
-        "pos_embed", layers.param_init(nn.initializers.normal(0.02), ("pos", "embed")), (g * g, d))
+    pos_init = (pos_embed_lib.sincos_init(g) if cfg.pos_embed_init == "sincos"
+                else nn.initializers.normal(0.02))
+    pos_embed = self.param("pos_embed", layers.param_init(pos_init, ("pos", "embed")), (g * g, d))
     a, antialias = (-0.5, True) if cfg.resize_like_scenic else (-0.75, False)
     pos_embed = resize.resize_bicubic(pos_embed.reshape(g, g, d), (h, w), a=a, antialias=antialias)
     x = x + pos_embed.astype(x.dtype)
