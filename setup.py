@@ -46,6 +46,7 @@ setuptools.setup(
         "console_scripts": [
             "pixelllm-train=pixelllm_jax.train.main:run",
             "pixelllm-eval=pixelllm_jax.eval.__main__:run",
+            "pixelllm-convert=pixelllm_jax.convert.__main__:cli",
         ]
     },
 )
