@@ -19,7 +19,17 @@ Choices:
   several tasks (unlike the official per-source batches).
 - Evaluation never truncates: an image with more slots than N (or more distinct
   prompts than K) continues in further rows with the same image.
-- Images are not resized here: images of one batch must share a size.
+- Images: without `canvas_size` they are used as they are (images of one
+  batch must share a size: the generated world). With `canvas_size` every
+  image is resized and padded bottom/right onto a square canvas
+  (`augment.transform_record`; training shrinks only, evaluation scales the
+  long side to the canvas) and `image_valid_hw` says how much of it is image.
+- Augmentation (training, per source `TaskSource.augment`, needs
+  `canvas_size`) runs on the decoded record *before* tokenization, so
+  contexts, targets and prompts of a cropped or flipped record stay in step
+  (augment.py). Its draws come from `np.random.default_rng([seed,
+  shard_index, index, 1])`, a stream apart from the slot subset's, so turning
+  augmentation on leaves the slot choice alone and resumption stays exact.
 """
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -27,15 +37,18 @@ import grain
 import numpy as np
 
 from pixelllm_jax.batch import EMPTY_SLOT, TASK_ID, shift_right
+from pixelllm_jax.data import augment as augment_lib
 from pixelllm_jax.data import tasks
 from pixelllm_jax.data.tasks import Slot, TaskConfig, TextEncoder
 
 
 class TaskSource(NamedTuple):
-  """One entry of a training mixture. `data_source`: random access, len()."""
+  """One entry of a training mixture. `data_source`: random access, len().
+  `augment`: this source's training augmentation (None: none)."""
   task: str
   data_source: Any
   weight: float
+  augment: augment_lib.AugmentConfig | None = None
 
 
 def _prompt_key(slot: Slot) -> tuple[float, ...]:
@@ -43,10 +56,12 @@ def _prompt_key(slot: Slot) -> tuple[float, ...]:
 
 
 def pack_example(image: np.ndarray, slots: Sequence[Slot], *, num_prompts: int,
-                 num_slots: int, config: TaskConfig) -> dict[str, np.ndarray]:
+                 num_slots: int, config: TaskConfig,
+                 image_valid_hw: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """One image and up to N slots -> the Batch fields without the batch dim.
 
-  Returns image uint8[H, W, 3], image_valid_hw float32[2] (1, 1: unpadded),
+  Returns image uint8[H, W, 3], image_valid_hw float32[2] (as given; default
+  1, 1: unpadded),
   prompt_boxes float32[K, 4] (distinct boxes first, [0, 0, 1, 1] after),
   prompt_index int32[N], context_tokens int32[N, Lc],
   decoder_input_tokens / decoder_target_tokens int32[N, L],
@@ -93,7 +108,8 @@ def pack_example(image: np.ndarray, slots: Sequence[Slot], *, num_prompts: int,
     out["task_ids"][n] = TASK_ID[slot.task]
   return {
       "image": image,
-      "image_valid_hw": np.ones(2, np.float32),
+      "image_valid_hw": (np.ones(2, np.float32) if image_valid_hw is None
+                         else np.asarray(image_valid_hw, np.float32).reshape(2)),
       "prompt_boxes": prompt_boxes,
       "decoder_input_tokens": shift_right(out["decoder_target_tokens"]),
       **out,
@@ -133,27 +149,35 @@ def _record_name(task: str, index: int, record: dict) -> str:
 
 
 class _Tag:
-  """record -> (task, source index, record); a class so grain workers can pickle it."""
+  """record -> (task, source index, record, augment); a class so grain workers can pickle it."""
 
-  def __init__(self, task: str):
-    self.task = task
+  def __init__(self, task: str, augment: augment_lib.AugmentConfig | None):
+    self.task, self.augment = task, augment
 
   def __call__(self, index: int, record: dict):
-    return self.task, index, record
+    return self.task, index, record, self.augment
 
 
 class _TrainExample:
-  """(task, index, record) at mixed index i -> (name, packed example) with a
-  random subset of the record's slots drawn from (seed, shard, i)."""
+  """(task, index, record, augment) at mixed index i -> (name, packed example):
+  the record put on the canvas and augmented with draws from (seed, shard, i,
+  1), then a random subset of its slots drawn from (seed, shard, i)."""
 
   def __init__(self, tokenizer: TextEncoder, config: TaskConfig, num_slots: int,
-               num_prompts: int, seed: int, shard_index: int):
+               num_prompts: int, seed: int, shard_index: int, canvas_size: int | None):
     self.tokenizer, self.config = tokenizer, config
     self.num_slots, self.num_prompts = num_slots, num_prompts
     self.seed, self.shard_index = seed, shard_index
+    self.canvas_size = canvas_size
 
   def __call__(self, index: int, tagged) -> tuple[str, dict[str, np.ndarray]]:
-    task, record_index, record = tagged
+    task, record_index, source_record, augment = tagged
+    record, valid_hw = source_record, None
+    if self.canvas_size is not None:
+      augment_rng = np.random.default_rng([self.seed, self.shard_index, index, 1])
+      record, valid_hw = augment_lib.transform_record(
+          source_record, task, canvas=self.canvas_size, augment=augment, train=True,
+          rng=augment_rng)
     slots = tasks.make_slots(task, record, self.tokenizer, self.config)
     rng = np.random.default_rng([self.seed, self.shard_index, index])
     chosen: list[Slot] = []
@@ -161,8 +185,8 @@ class _TrainExample:
       if _fits(slots[i], chosen, self.num_slots, self.num_prompts):
         chosen.append(slots[i])
     example = pack_example(record["image"], chosen, num_prompts=self.num_prompts,
-                           num_slots=self.num_slots, config=self.config)
-    return _record_name(task, record_index, record), example
+                           num_slots=self.num_slots, config=self.config, image_valid_hw=valid_hw)
+    return _record_name(task, record_index, source_record), example
 
 
 def _stack_named(named: Sequence[tuple[str, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
@@ -174,17 +198,21 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
                        tokenizer: TextEncoder, task_config: TaskConfig, *,
                        batch_size: int, num_slots: int, num_prompts: int, seed: int,
                        shard_index: int = 0, shard_count: int = 1, num_threads: int = 0,
-                       worker_count: int = 0) -> grain.IterDataset:
+                       worker_count: int = 0, canvas_size: int | None = None
+                       ) -> grain.IterDataset:
   """An endless, seeded task mixture of batched dicts (Batch fields, leading B).
 
   Args:
-    sources: (task, data_source, weight) per source; task in batch.TASKS.
+    sources: (task, data_source, weight[, augment]) per source; task in
+      batch.TASKS; augment an `augment.AugmentConfig` or None.
     batch_size: B (per host); incomplete batches never occur (endless stream).
     seed: fixes shuffles and slot subsets; same seed -> same batches.
     shard_index, shard_count: this host's share of every source's records.
     num_threads: grain read threads (0 = read in the calling thread).
     worker_count: grain worker processes (0 = none; needs absl flags parsed
       and a picklable tokenizer and data sources).
+    canvas_size: None: images as they are (same size); else the square canvas
+      side every image is resized (shrunk only, or augmented) and padded to.
 
   Returns:
     A grain IterDataset; its iterators support get_state() / set_state() for
@@ -195,10 +223,13 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
   per_source, weights = [], []
-  for i, (task, data_source, weight) in enumerate(sources):
+  for i, source in enumerate(sources):
+    task, data_source, weight, augment = TaskSource(*source)
     if task not in tasks.SLOT_FNS:
       raise ValueError(f"unknown task {task!r}; known: {sorted(tasks.SLOT_FNS)}")
-    ds = grain.MapDataset.source(data_source).map_with_index(_Tag(task))
+    if augment is not None and canvas_size is None:
+      raise ValueError(f"source {i} ({task}) is augmented: give canvas_size")
+    ds = grain.MapDataset.source(data_source).map_with_index(_Tag(task, augment))
     ds = ds[shard_index::shard_count]
     if len(ds) == 0:
       raise ValueError(f"source {i} ({task}) has no records for shard {shard_index}/{shard_count}")
@@ -207,7 +238,8 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
     weights.append(float(weight))
   mixed = grain.MapDataset.mix(per_source, weights)
   examples = mixed.map_with_index(
-      _TrainExample(tokenizer, task_config, num_slots, num_prompts, seed, shard_index))
+      _TrainExample(tokenizer, task_config, num_slots, num_prompts, seed, shard_index,
+                    canvas_size))
   batches = examples.batch(batch_size, drop_remainder=True, batch_fn=_stack_named)
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1))
   iter_ds = batches.to_iter_dataset(read_options)
@@ -217,35 +249,45 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
 
 
 def eval_batches(task_name: str, data_source, tokenizer: TextEncoder, task_config: TaskConfig, *,
-                 batch_size: int, num_slots: int, num_prompts: int
+                 batch_size: int, num_slots: int, num_prompts: int,
+                 canvas_size: int | None = None
                  ) -> Iterator[tuple[dict[str, np.ndarray], list[tuple[int, int, dict]]]]:
   """Every slot of every record exactly once, in order, as fixed-shape batches.
+
+  With `canvas_size`, each image is resized so its long side is the canvas
+  (official eval) and padded; `meta` coordinates stay those of the record
+  (normalized, so they hold for the original image too).
 
   Yields (batch, metas): batch has the Batch fields with leading B; metas
   lists (row, slot, meta) for the real slots only. The last batch is padded
   with empty rows (a zero image of the batch's size, task_ids = EMPTY_SLOT).
   """
-  pending: list[tuple[str, np.ndarray, list[Slot]]] = []
+  pending: list[tuple[str, np.ndarray, list[Slot], np.ndarray | None]] = []
 
   def flush():
     examples = [pack_example(image, row, num_prompts=num_prompts, num_slots=num_slots,
-                             config=task_config) for _, image, row in pending]
-    names = [name for name, _, _ in pending]
+                             config=task_config, image_valid_hw=valid_hw)
+                for _, image, row, valid_hw in pending]
+    names = [name for name, _, _, _ in pending]
     empty = np.zeros_like(pending[0][1])
     while len(examples) < batch_size:
       examples.append(pack_example(empty, [], num_prompts=num_prompts, num_slots=num_slots,
                                    config=task_config))
       names.append("padding")
-    metas = [(r, s, slot.meta) for r, (_, _, row) in enumerate(pending)
+    metas = [(r, s, slot.meta) for r, (_, _, row, _) in enumerate(pending)
              for s, slot in enumerate(row)]
     return stack_examples(examples, names), metas
 
   for index in range(len(data_source)):
-    record = data_source[index]
+    record = source_record = data_source[index]
+    valid_hw = None
+    if canvas_size is not None:
+      record, valid_hw = augment_lib.transform_record(record, task_name, canvas=canvas_size,
+                                                      augment=None, train=False)
     slots = tasks.make_slots(task_name, record, tokenizer, task_config)
     image = np.asarray(record["image"])
     for row in rows_of_slots(slots, num_slots, num_prompts):
-      pending.append((_record_name(task_name, index, record), image, row))
+      pending.append((_record_name(task_name, index, source_record), image, row, valid_hw))
       if len(pending) == batch_size:
         yield flush()
         pending = []

@@ -20,6 +20,8 @@ supervision, already aligned as `pixelllm_jax/batch.py` requires:
 Coordinates are normalized [0, 1] xy, boxes xyxy. Each function takes a decoded
 builder record (docs/DATA_FORMATS.md), a tokenizer (`encode(str) -> list[int]`
 without EOS, `eos_id`) and a `TaskConfig`; none of them samples.
+Augmentation (`augment.py`) rewrites the record before these functions run;
+the trace function honours its `utterance_valid` / `utterance_in_view`.
 """
 import dataclasses
 from typing import Any, Callable, Protocol
@@ -123,7 +125,13 @@ def caption_slots(record: dict, tokenizer: TextEncoder, config: TaskConfig) -> l
 
 
 def utterance_valid(record: dict) -> np.ndarray:
-  """bool[U]: non-empty utterances whose time-averaged point is not missing."""
+  """bool[U]: non-empty utterances whose time-averaged point is not missing.
+
+  An augmented record carries `utterance_valid` (decided before its points
+  moved: a point moved to (0, 0) by a crop is not "missing"), used as is.
+  """
+  if "utterance_valid" in record:
+    return np.asarray(record["utterance_valid"], bool).reshape(len(record["utterances"]))
   words = [_text(u).strip() for u in record["utterances"]]
   points = np.asarray(record["utterance_points"], np.float32).reshape(len(words), 2)
   finite = np.isfinite(points).all(-1)
@@ -135,6 +143,8 @@ def trace_slots(record: dict, tokenizer: TextEncoder, config: TaskConfig) -> lis
 
   meta["utterance_of_token"] int32[len(target)]: the utterance index of each
   target token, -1 for EOS and for tokens without a valid utterance.
+  An augmented record may carry `utterance_in_view` bool[U]: utterances a crop
+  left outside keep their place in the alignment but get point weight 0.
   """
   from pixelllm_jax.data import trace  # lazily: written in parallel, pure numpy
 
@@ -162,8 +172,9 @@ def trace_slots(record: dict, tokenizer: TextEncoder, config: TaskConfig) -> lis
       "utterance_points": points,
       "utterance_of_token": np.concatenate([utterance_of_token, [-1]]).astype(np.int32),
   })
+  in_view = np.asarray(record.get("utterance_in_view", np.ones(len(valid), bool)), bool)
   for j, u in enumerate(utterance_of_token):
-    if u < 0 or not valid[u]:
+    if u < 0 or not valid[u] or not in_view[u]:
       continue
     # Target token t_j is fed at decoder input position j + 1.
     if p == 2:
