@@ -10,6 +10,7 @@ import os
 import gin
 import jax
 
+from pixelllm_jax.data import augment as augment_lib
 from pixelllm_jax.data import pipeline
 from pixelllm_jax.data.builders import common
 from pixelllm_jax.data.tasks import TaskConfig
@@ -53,18 +54,27 @@ def tokenizer(path: str | None = None, extra_ids: int = 100) -> Tokenizer:
 @gin.configurable
 def train_data(*, mixture: tuple[tuple[str, float], ...] = gin.REQUIRED, split: str = "train",
                batch_size: int = gin.REQUIRED, num_slots: int = gin.REQUIRED,
-               num_prompts: int = gin.REQUIRED, seed: int = 0, num_threads: int = 0):
+               num_prompts: int = gin.REQUIRED, seed: int = 0, num_threads: int = 0,
+               canvas_size: int | None = None, augment: str | None = None):
   """An endless iterator of numpy batches; per-host shard of every source.
 
   `batch_size` is global; each process reads `batch_size / process_count`.
+  `canvas_size`: resize (long side) and pad images to a square canvas (needed
+  for datasets whose images differ in size, and for augmentation).
+  `augment`: None, or 'official' for the official per-dataset augmentation
+  (`augment.OFFICIAL`: jitter + crop for refer/caption, + flip for loca).
   """
+  if augment not in (None, "official"):
+    raise ValueError(f"train_data.augment must be None or 'official', got {augment!r}")
+  augment_of = augment_lib.OFFICIAL if augment == "official" else {}
   count = jax.process_count()
   if batch_size % count:
     raise ValueError(f"batch_size {batch_size} not divisible by {count} processes")
-  sources = [pipeline.TaskSource(task, data_source(task, split), weight)
+  sources = [pipeline.TaskSource(task, data_source(task, split), weight, augment_of.get(task))
              for task, weight in mixture]
   dataset = pipeline.make_train_dataset(
       sources, tokenizer(), TaskConfig(), batch_size=batch_size // count,
       num_slots=num_slots, num_prompts=num_prompts, seed=seed,
-      shard_index=jax.process_index(), shard_count=count, num_threads=num_threads)
+      shard_index=jax.process_index(), shard_count=count, num_threads=num_threads,
+      canvas_size=canvas_size)
   return iter(dataset)
