@@ -131,3 +131,24 @@ def test_config_is_gin_configurable():
   with gin.config_scope("test_prompt_extractor"):
     assert PromptExtractorConfig().num_queries == 7
   assert PromptExtractorConfig().num_queries == 32
+
+
+def test_prompt_side_inputs_pass_unprojected_when_widths_match():
+  """As the official adapter: prompt tokens, dense prompt and image PE are used as
+  they are when their width equals the transformer width (no prompt/pe projections)."""
+  import jax
+  import jax.numpy as jnp
+  from pixelllm_jax.models.prompt_extractor import PromptExtractor, PromptExtractorConfig
+  cfg = PromptExtractorConfig(depth=1, width=16, num_heads=2, mlp_dim=32, num_queries=3,
+                              output_dim=8)
+  image = jnp.ones((1, 2, 2, 5))
+  prompts = jnp.ones((1, 1, 2, 16))
+  params = jax.eval_shape(
+      lambda: PromptExtractor(cfg).init(jax.random.key(0), image, jnp.ones((2, 2, 16)),
+                                        prompts, jnp.ones((16,))))["params"]
+  assert "prompt_proj" not in params and "pe_proj" not in params
+  assert "image_proj" in params
+  wider = jax.eval_shape(
+      lambda: PromptExtractor(cfg).init(jax.random.key(0), image, jnp.ones((2, 2, 12)),
+                                        jnp.ones((1, 1, 2, 12)), jnp.ones((12,))))["params"]
+  assert "prompt_proj" in wider and "pe_proj" in wider

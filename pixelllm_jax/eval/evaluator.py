@@ -170,8 +170,13 @@ def evaluate(*, model_dir: str = gin.REQUIRED, model: PixelLLM = gin.REQUIRED,
              optimizer=gin.REQUIRED, mesh=None, split: str = "test",
              tasks: Sequence[str] = ("refer", "trace", "caption", "loca"),
              batch_size: int = 32, num_slots: int = 4, num_prompts: int = 4,
-             scenes_path: str | None = None, num_visualizations: int = 8) -> dict[str, Any]:
-  """Evaluates the latest checkpoint of `model_dir`; writes metrics.json and PNGs."""
+             scenes_path: str | None = None, num_visualizations: int = 8,
+             canvas_size: int | None = None) -> dict[str, Any]:
+  """Evaluates the latest checkpoint of `model_dir`; writes metrics.json and PNGs.
+
+  `canvas_size`: resize (long side) and pad every image to this square canvas,
+  as training does with `train_data.canvas_size` (needed for real datasets).
+  """
   start = time.perf_counter()
   mesh = mesh if mesh is not None else jax.make_mesh(
       (1, 1), ("data", "model"), devices=jax.devices()[:1],
@@ -183,7 +188,7 @@ def evaluate(*, model_dir: str = gin.REQUIRED, model: PixelLLM = gin.REQUIRED,
   def batches(task):
     return pipeline.eval_batches(task, sources.data_source(task, split), tokenizer, task_config,
                                  batch_size=batch_size, num_slots=num_slots,
-                                 num_prompts=num_prompts)
+                                 num_prompts=num_prompts, canvas_size=canvas_size)
 
   init_batch, _ = next(iter(batches(tasks[0])))
   step, params = restore_params(model_dir, model, optimizer, mesh, Batch(**init_batch))

@@ -133,12 +133,20 @@ class PromptExtractor(nn.Module):
 
     # In-projections are named ('channels', 'embed'): flax rejects one logical
     # name twice in a parameter, and the input widths are not the model width.
-    prompt_proj = layers.dense(cfg.width, ("channels", "embed"), dtype=dtype, name="prompt_proj")
+    # As the official adapter, prompt-side inputs (prompt tokens, dense prompt,
+    # image PE) pass through unprojected when their width already equals the
+    # transformer width: the prompt tokens' Fourier PE and the image PE then
+    # share one space, so attention is spatially aligned from the first step.
+    prompt_width = prompt_tokens_BxKxTxDp.shape[-1]
+    if prompt_width == cfg.width:
+      prompt_proj = pe_proj = lambda x: x
+    else:
+      prompt_proj = layers.dense(cfg.width, ("channels", "embed"), dtype=dtype, name="prompt_proj")
+      pe_proj = layers.dense(cfg.width, ("channels", "embed"), dtype=dtype, name="pe_proj")
     image_BxSxW = layers.dense(cfg.width, ("channels", "embed"), dtype=dtype, name="image_proj")(
         image_features_BxhxwxC.astype(dtype)).reshape(b, h * w, cfg.width)
     image_BxSxW = image_BxSxW + prompt_proj(dense_prompt_Dp.astype(dtype))
-    pe_SxW = layers.dense(cfg.width, ("channels", "embed"), dtype=dtype, name="pe_proj")(
-        image_pe_hxwxDp.astype(dtype)).reshape(h * w, cfg.width)
+    pe_SxW = pe_proj(image_pe_hxwxDp.astype(dtype)).reshape(h * w, cfg.width)
     pe_BxSxW = jnp.broadcast_to(pe_SxW, (b, h * w, cfg.width))
 
     prompts_BxKxTxW = prompt_proj(prompt_tokens_BxKxTxDp.astype(dtype))
