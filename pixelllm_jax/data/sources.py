@@ -34,10 +34,22 @@ def dataset_dirs(manual_dir: str = gin.REQUIRED, data_dir: str | None = None,
   return manual_dir, data_dir or os.path.join(manual_dir, "tfds"), dict(builder_configs)
 
 
+@gin.configurable
+def task_builders(overrides: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+  """task -> builder name: BUILDER_OF_TASK with gin overrides, e.g.
+  `task_builders.overrides = (('caption', 'coco_captions'),)` for COCO Karpathy captions."""
+  mapping = dict(BUILDER_OF_TASK)
+  for task, builder in overrides:
+    if task not in mapping:
+      raise ValueError(f"task_builders: unknown task {task!r}; known: {sorted(mapping)}")
+    mapping[task] = builder
+  return mapping
+
+
 def data_source(task: str, split: str):
   """The random-access source of `task`'s builder for `split` (prepared on first use)."""
   manual_dir, data_dir, configs = dataset_dirs()
-  builder_name = BUILDER_OF_TASK[task]
+  builder_name = task_builders()[task]
   builder = common.prepare(builder_name, configs[builder_name], manual_dir, data_dir)
   return builder.as_data_source(split)
 

@@ -1,7 +1,7 @@
 """Command line for training, t5x style: gin files + bindings in, `trainer.train` run.
 
   python -m pixelllm_jax.train \\
-    --gin_file=runs/trace_tiny.gin \\
+    --gin_file=runs/demo.gin \\
     --gin.MODEL_DIR="'runs/x'" --gin.TRAIN_STEPS=100
 
 Flags:
