@@ -55,14 +55,28 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   return out
 
 
+def resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
+  """The absolute path of `name`: as given, else under the first search path holding it.
+
+  Resolved here rather than by gin, whose resource reader takes a relative path
+  whose first folder is importable (e.g. the `runs/` output folder in the
+  working directory, a namespace package) for a package resource and fails.
+  """
+  for base in ["", *search_paths]:
+    candidate = os.path.join(base, name)
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  raise FileNotFoundError(f"gin file {name!r} not found as given or under {list(search_paths)}")
+
+
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = ()) -> None:
   """Adds search paths (given ones first, then gin_configs/) and parses files + bindings."""
-  for path in [*search_paths, DEFAULT_GIN_SEARCH_PATH]:
-    gin.add_config_file_search_path(os.path.abspath(path))
-  gin.parse_config_files_and_bindings(
-      list(gin_files), list(gin_bindings), finalize_config=False
-  )
+  paths = [os.path.abspath(p) for p in [*search_paths, DEFAULT_GIN_SEARCH_PATH]]
+  for path in paths:
+    gin.add_config_file_search_path(path)
+  files = [resolve_gin_file(f, paths) for f in gin_files]
+  gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=False)
 
 
 def run(argv: Sequence[str]) -> trainer.TrainResult:
