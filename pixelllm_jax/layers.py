@@ -103,3 +103,23 @@ def attend(
     logits = jnp.where(mask_BHTS, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v_BSHD.dtype)
   return jnp.einsum("bhts,bshd->bthd", weights, v_BSHD, precision=precision)
+
+
+def patch_embed(
+    image_BHWC: Array, *, width: int, patch_size: int, mean: Sequence[float],
+    std: Sequence[float], dtype: Dtype = jnp.float32, name: str = "patch_embed",
+) -> Array:
+  """uint8[B, H, W, 3] -> [B, H // p, W // p, width]: normalize [0, 1] pixels with
+  the tower's mean/std, then a stride-p conv (remainder pixels dropped, as torch).
+
+  Call from inside a compact module: the conv's parameters land under `name`.
+  """
+  x = image_BHWC.astype(jnp.float32) / 255.0
+  x = ((x - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
+  return nn.Conv(
+      width, (patch_size, patch_size), strides=(patch_size, patch_size), padding="VALID",
+      dtype=dtype,
+      kernel_init=param_init(nn.initializers.lecun_normal(),
+                             ("conv_height", "conv_width", "channels", "embed")),
+      bias_init=param_init(nn.initializers.zeros, ("embed",)),
+      name=name)(x)

@@ -53,34 +53,21 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
-  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE` (t5x style); other args unchanged."""
-  out = []
-  for arg in argv:
-    if arg.startswith("--gin.") and "=" in arg:
-      name, value = arg[len("--gin."):].split("=", 1)
-      out.append(f"--gin_bindings={name} = {value}")
-    else:
-      out.append(arg)
-  return out
-
-
 def build_model(model_gins: Sequence[str], bindings: Sequence[str] = (),
                 search_paths: Sequence[str] = ()):
   """Parses the model gin files (fresh gin state) and returns `PixelLLM()`."""
   from pixelllm_jax.models.pixel_llm import PixelLLM  # pylint: disable=import-outside-toplevel
-  from pixelllm_jax.train.main import (  # pylint: disable=import-outside-toplevel
-      DEFAULT_GIN_SEARCH_PATH)
+  from pixelllm_jax.train import main as train_main  # pylint: disable=import-outside-toplevel
   gin.clear_config()
-  for path in [*search_paths, DEFAULT_GIN_SEARCH_PATH]:
-    gin.add_config_file_search_path(os.path.abspath(path))
-  gin.parse_config_files_and_bindings(list(model_gins), list(bindings), finalize_config=False)
+  train_main.parse_gin(model_gins, bindings, search_paths)
   return PixelLLM()
 
 
 def main(argv: Sequence[str] | None = None) -> assemble_lib.Assembled:
   """Runs the conversion; `argv` without the program name (default: sys.argv[1:])."""
-  args = _parser().parse_args(rewrite_gin_args(sys.argv[1:] if argv is None else argv))
+  from pixelllm_jax.train import main as train_main  # pylint: disable=import-outside-toplevel
+  args = _parser().parse_args(
+      train_main.rewrite_gin_args(sys.argv[1:] if argv is None else argv))
   from pixelllm_jax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
   out = os.path.abspath(args.out)
   if os.path.exists(out):

@@ -176,15 +176,8 @@ class EVA02ViT(nn.Module):
   @nn.compact
   def __call__(self, image_BHWC: Array) -> Array:
     cfg = self.config
-    x = image_BHWC.astype(jnp.float32) / 255.0
-    x = ((x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)).astype(cfg.dtype)
-    x = nn.Conv(
-        cfg.width, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
-        padding="VALID", dtype=cfg.dtype,
-        kernel_init=layers.param_init(nn.initializers.lecun_normal(),
-                                      ("conv_height", "conv_width", "channels", "embed")),
-        bias_init=layers.param_init(nn.initializers.zeros, ("embed",)),
-        name="patch_embed")(x)
+    x = layers.patch_embed(image_BHWC, width=cfg.width, patch_size=cfg.patch_size,
+                           mean=CLIP_MEAN, std=CLIP_STD, dtype=cfg.dtype)
     b, h, w, d = x.shape
     cls = self.param("cls_token", layers.param_init(nn.initializers.normal(0.02), ("embed",)),
                      (d,))

@@ -204,15 +204,8 @@ class SamViT(nn.Module):
   @nn.compact
   def __call__(self, image_BHWC: Array) -> Array:
     cfg = self.config
-    x = image_BHWC.astype(jnp.float32) / 255.0
-    x = ((x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)).astype(cfg.dtype)
-    x = nn.Conv(
-        cfg.width, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
-        padding="VALID", dtype=cfg.dtype,
-        kernel_init=layers.param_init(nn.initializers.lecun_normal(),
-                                      ("conv_height", "conv_width", "channels", "embed")),
-        bias_init=layers.param_init(nn.initializers.zeros, ("embed",)),
-        name="patch_embed")(x)
+    x = layers.patch_embed(image_BHWC, width=cfg.width, patch_size=cfg.patch_size,
+                           mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=cfg.dtype)
     _, h, w, d = x.shape
     g = cfg.pretrain_grid
     pos_init = (pos_embed_lib.sincos_init(g) if cfg.pos_embed_init == "sincos"
