@@ -19,7 +19,7 @@ from pixelllm_jax.metrics import refer as refer_metrics
 from pixelllm_jax.train import main as train_main
 from pixelllm_jax.train import trainer
 
-STEPS = int(os.environ.get("PIXELLLM_E2E_STEPS", "700"))
+STEPS = int(os.environ.get("PIXELLLM_E2E_STEPS", "1500"))
 
 
 def _refer_boxes(split):
@@ -36,7 +36,7 @@ def _refer_boxes(split):
 @pytest.mark.slow
 def test_short_run_localizes_referring_expressions_above_chance(tmp_path):
   world, model_dir = str(tmp_path / "world"), str(tmp_path / "run")
-  generate.generate_world(world, num_train=400, num_val=10, num_test=40, seed=3)
+  generate.generate_world(world, num_train=1500, num_val=10, num_test=40, seed=3)
   gin.clear_config()
   train_main.parse_gin(["runs/demo.gin"], [
       f"MODEL_DIR = '{model_dir}'", f"WORLD_DIR = '{world}'", f"TRAIN_STEPS = {STEPS}",
