@@ -152,3 +152,31 @@ def test_prompt_side_inputs_pass_unprojected_when_widths_match():
       lambda: PromptExtractor(cfg).init(jax.random.key(0), image, jnp.ones((2, 2, 12)),
                                         jnp.ones((1, 1, 2, 12)), jnp.ones((12,))))["params"]
   assert "prompt_proj" in wider and "pe_proj" in wider
+
+
+@pytest.mark.parametrize("fuse, extra", [("sparse", 0), ("dense", None), ("sparse+dense", 3)])
+def test_fuse_modes_choose_the_tokens_that_reach_the_lm(fuse, extra):
+  """'sparse': the Q queries; 'dense': the h*w updated image tokens; both: queries first."""
+  import jax
+  import jax.numpy as jnp
+  from pixelllm_jax.models.prompt_extractor import PromptExtractor, PromptExtractorConfig
+  cfg = PromptExtractorConfig(depth=1, width=16, num_heads=2, mlp_dim=32, num_queries=3,
+                              output_dim=8, fuse=fuse)
+  args = (jnp.ones((1, 2, 2, 5)), jnp.ones((2, 2, 12)), jnp.ones((1, 1, 2, 12)), jnp.ones((12,)))
+  model = PromptExtractor(cfg)
+  variables = model.init(jax.random.key(0), *args)
+  out = model.apply(variables, *args)
+  assert out.shape == (1, 1, cfg.num_tokens((2, 2)), 8)
+  assert cfg.num_tokens((2, 2)) == {"sparse": 3, "dense": 4, "sparse+dense": 7}[fuse]
+  if fuse == "sparse+dense":
+    sparse = PromptExtractor(PromptExtractorConfig(depth=1, width=16, num_heads=2, mlp_dim=32,
+                                                   num_queries=3, output_dim=8))
+    params = {k: v for k, v in variables["params"].items() if k != "dense_head"}
+    np.testing.assert_allclose(out[:, :, :extra], sparse.apply({"params": params}, *args),
+                               atol=1e-6)
+
+
+def test_unknown_fuse_mode_is_refused():
+  from pixelllm_jax.models.prompt_extractor import PromptExtractorConfig
+  with pytest.raises(ValueError, match="fuse"):
+    PromptExtractorConfig(fuse="concat")
