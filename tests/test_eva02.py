@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixelllm_jax import sharding
 from pixelllm_jax.models import eva02, resize
+from axis_names import assert_known_axis_names
 
 CFG = eva02.EVA02Config(image_size=32, patch_size=8, width=32, depth=2, num_heads=4,
                         mlp_dim=48, pretrain_grid=3)
@@ -52,14 +52,7 @@ def test_output_shapes_for_several_image_sizes(model_and_params):
 
 def test_every_parameter_has_known_logical_axes(model_and_params):
   _, variables, _ = model_and_params
-  leaves = jax.tree.leaves(variables["params"],
-                           is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  assert leaves
-  for leaf in leaves:
-    assert isinstance(leaf, nn.LogicallyPartitioned)
-    assert len(leaf.names) == leaf.value.ndim
-    assert set(leaf.names) <= sharding.KNOWN_AXES, leaf.names
-    assert len(set(leaf.names)) == len(leaf.names)
+  assert_known_axis_names(variables["params"])
 
 
 def test_attention_bias_layout(model_and_params):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pixelllm_jax import sharding
 from pixelllm_jax.models import mask_decoder as md
+from axis_names import assert_known_axis_names
 
 C, H, W = 16, 4, 4
 CFG = md.MaskDecoderConfig(transformer_dim=C, iou_head_hidden_dim=12, transformer_num_heads=2,
@@ -66,13 +66,7 @@ def test_parameter_names_shapes_and_axes(setup):
   iou_head = params["iou_prediction_head"]
   assert [iou_head[f"layers_{j}"]["kernel"].shape for j in range(3)] == [
       (C, 12), (12, 12), (12, CFG.num_mask_tokens)]
-  leaves = jax.tree.leaves(variables["params"],
-                           is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  for leaf in leaves:
-    assert isinstance(leaf, nn.LogicallyPartitioned)
-    assert len(leaf.names) == leaf.value.ndim
-    assert set(leaf.names) <= sharding.KNOWN_AXES, leaf.names
-    assert len(set(leaf.names)) == len(leaf.names), leaf.names
+  assert_known_axis_names(variables["params"])
 
 
 def test_prompts_are_independent_and_dense_broadcasts(setup):

@@ -17,10 +17,11 @@ import pytest
 from flax import traverse_util
 
 import model_fixtures as mf
-from pixelllm_jax import decoding, losses, sharding
+from pixelllm_jax import decoding, losses
 from pixelllm_jax.batch import Batch, Output
 from pixelllm_jax.lora import LORA_PARAM_NAMES
 from pixelllm_jax.models.pixel_llm import Encoded, PixelLLM
+from axis_names import assert_known_axis_names
 
 B, K, N, L, LC = 2, 2, 3, 6, 4
 LORA_RANK = 2
@@ -95,23 +96,9 @@ def test_call_encode_decode_shapes_and_dtypes(model, variables, batch, base_out)
 
 
 def test_every_parameter_has_known_logical_axis_names(boxed_params):
-  leaves = jax.tree_util.tree_leaves_with_path(
-      boxed_params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-  problems, towers, lora_leaves = [], set(), 0
-  for kp, leaf in leaves:
-    path = "/".join(str(getattr(k, "key", k)) for k in kp)
-    towers.add(path.split("/")[0])
-    lora_leaves += path.split("/")[-1] in LORA_PARAM_NAMES
-    if not isinstance(leaf, nn.LogicallyPartitioned):
-      problems.append(f"{path}: no logical axis names ({type(leaf).__name__})")
-      continue
-    names = tuple(leaf.names)
-    if len(names) != leaf.value.ndim:
-      problems.append(f"{path}: names {names} for shape {leaf.value.shape}")
-    bad = [n for n in names if n not in sharding.KNOWN_AXES]
-    if bad:
-      problems.append(f"{path}: unknown or missing axis names {bad} in {names}")
-  assert not problems, "\n".join(problems)
+  paths = [path for path, _ in assert_known_axis_names(boxed_params)]
+  towers = {path.split("/")[0] for path in paths}
+  lora_leaves = sum(path.split("/")[-1] in LORA_PARAM_NAMES for path in paths)
   # The walk really covered the whole composed model, LoRA included.
   assert {"eva02", "sam", "prompt_encoder", "extractor", "visual_proj", "t5",
           "loc_head"} <= towers, towers

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixelllm_jax import sharding
 from pixelllm_jax.models.prompt_encoder import PromptEncoder, PromptEncoderConfig
+from axis_names import assert_known_axis_names
 
 D = 16
 CANVAS_HW = (32, 48)
@@ -139,13 +139,7 @@ def test_no_mask_embed_is_the_param(variables):
 
 
 def test_params_have_known_logical_axes(variables):
-  leaves = jax.tree_util.tree_leaves(
-      variables["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  assert len(leaves) == 4
-  for leaf in leaves:
-    assert isinstance(leaf, nn.LogicallyPartitioned)
-    assert len(leaf.names) == leaf.value.ndim
-    assert set(leaf.names) <= sharding.KNOWN_AXES, leaf.names
+  assert len(assert_known_axis_names(variables["params"])) == 4
   p = _params(variables)
   assert p["point_embeddings"].shape == (4, D)
   assert p["positional_encoding_gaussian_matrix"].shape == (2, D // 2)

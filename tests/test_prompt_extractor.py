@@ -9,6 +9,7 @@ import pytest
 from pixelllm_jax import sharding
 from pixelllm_jax.models.prompt_extractor import PromptExtractor, PromptExtractorConfig
 from pixelllm_jax.models.two_way import TwoWayTransformer
+from axis_names import assert_known_axis_names
 
 B, H, W, C = 2, 3, 4, 24    # image map
 K, T, DP = 3, 2, 16         # prompts per image, tokens per prompt, prompt width
@@ -97,13 +98,7 @@ def test_inputs_matter(setup):
 
 def test_params_have_known_logical_axes(setup):
   variables, _, _, _ = setup
-  leaves = jax.tree_util.tree_leaves(
-      variables["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  assert leaves
-  for leaf in leaves:
-    assert isinstance(leaf, nn.LogicallyPartitioned)
-    assert len(leaf.names) == leaf.value.ndim
-    assert set(leaf.names) <= sharding.KNOWN_AXES, leaf.names
+  assert_known_axis_names(variables["params"])
   p = nn.unbox(variables)["params"]
   assert p["output_tokens"].shape == (4, 32)
   assert p["output_heads"]["kernel"].shape == (4, 32, 20)

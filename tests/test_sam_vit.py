@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixelllm_jax import sharding
 from pixelllm_jax.models import sam_vit
+from axis_names import assert_known_axis_names
 
 CFG = sam_vit.SamViTConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=4,
                            mlp_dim=48, window_size=3, global_blocks=(1,), out_channels=16,
@@ -63,13 +63,7 @@ def test_parameter_shapes_and_logical_axes(model_and_params):
   assert params["blocks_0"]["attn"]["rel_pos_h"].shape == (2 * 3 - 1, 8)  # window
   assert params["blocks_1"]["attn"]["rel_pos_w"].shape == (2 * 6 - 1, 8)  # pretrain grid
   assert set(params["neck"]["conv1"]) == {"kernel"}  # no conv biases in the neck
-  leaves = jax.tree.leaves(variables["params"],
-                           is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  for leaf in leaves:
-    assert isinstance(leaf, nn.LogicallyPartitioned)
-    assert len(leaf.names) == leaf.value.ndim
-    assert set(leaf.names) <= sharding.KNOWN_AXES, leaf.names
-    assert len(set(leaf.names)) == len(leaf.names)
+  assert_known_axis_names(variables["params"])
 
 
 @pytest.mark.parametrize("h,w", [(6, 6), (5, 7), (1, 4)])

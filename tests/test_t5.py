@@ -11,8 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from pixelllm_jax import lora, sharding
+from pixelllm_jax import lora
 from pixelllm_jax.models import t5
+from axis_names import assert_known_axis_names
 
 # Toy sizes: heads * d_kv (64) != d_model (32).
 BASE = t5.T5Config(vocab_size=64, d_model=32, num_heads=4, d_kv=16, d_ff=48,
@@ -125,11 +126,7 @@ def test_config_validation():
 @pytest.mark.parametrize("cfg", [BASE, dataclasses.replace(RELU_TIED, lora=lora.LoraConfig(4))])
 def test_every_param_is_named_with_known_axes(cfg):
   boxed = _params(cfg)
-  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
-  for leaf in leaves:
-    assert len(leaf.names) == leaf.value.ndim
-    assert set(leaf.names) <= sharding.KNOWN_AXES, leaf.names
+  assert_known_axis_names(boxed)
 
 
 def test_shapes_and_t5x_names(base_params):

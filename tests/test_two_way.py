@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixelllm_jax import sharding
 from pixelllm_jax.models.two_way import TwoWayTransformer
+from axis_names import assert_known_axis_names
 
 B, S, T, C = 2, 12, 5, 32
 HEADS, MLP = 4, 48
@@ -139,10 +139,4 @@ def test_bfloat16_activations(setup):
 
 def test_params_have_known_logical_axes(setup):
   _, variables, _ = setup
-  leaves = jax.tree_util.tree_leaves(
-      variables["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  assert leaves
-  for leaf in leaves:
-    assert isinstance(leaf, nn.LogicallyPartitioned)
-    assert len(leaf.names) == leaf.value.ndim
-    assert set(leaf.names) <= sharding.KNOWN_AXES, leaf.names
+  assert_known_axis_names(variables["params"])

@@ -81,9 +81,7 @@ class EVA02Config:
   pos_embed_init: str = "sincos"
 
   def __post_init__(self):
-    if self.pos_embed_init not in pos_embed_lib.POS_EMBED_INITS:
-      raise ValueError(f"EVA02Config.pos_embed_init must be one of "
-                       f"{pos_embed_lib.POS_EMBED_INITS}, got {self.pos_embed_init!r}")
+    pos_embed_lib.check_init(self.pos_embed_init, "EVA02Config")
 
   @property
   def head_dim(self) -> int:
@@ -181,8 +179,8 @@ class EVA02ViT(nn.Module):
     b, h, w, d = x.shape
     cls = self.param("cls_token", layers.param_init(nn.initializers.normal(0.02), ("embed",)),
                      (d,))
-    pos_init = (pos_embed_lib.sincos_init(cfg.pretrain_grid, num_prefix_tokens=1)
-                if cfg.pos_embed_init == "sincos" else nn.initializers.normal(0.02))
+    pos_init = pos_embed_lib.initializer(cfg.pos_embed_init, cfg.pretrain_grid,
+                                         num_prefix_tokens=1)
     pos_embed = self.param(
         "pos_embed", layers.param_init(pos_init, ("pos", "embed")),
         (1 + cfg.pretrain_grid**2, d))

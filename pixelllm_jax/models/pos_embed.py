@@ -10,6 +10,7 @@ only shape attention weights, not the values the language model reads. Any
 imported checkpoint overwrites the embedding, so the choice only matters when
 training from scratch.
 """
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
@@ -40,3 +41,17 @@ def sincos_init(grid: int, num_prefix_tokens: int = 0):
     table = np.concatenate([np.zeros((num_prefix_tokens, dim), np.float32), sincos_2d(grid, dim)])
     return jnp.asarray(table, dtype)
   return init
+
+
+def check_init(kind: str, owner: str) -> None:
+  """Raises ValueError naming `owner` unless `kind` is one of POS_EMBED_INITS."""
+  if kind not in POS_EMBED_INITS:
+    raise ValueError(f"{owner}.pos_embed_init must be one of {POS_EMBED_INITS}, got {kind!r}")
+
+
+def initializer(kind: str, grid: int, num_prefix_tokens: int = 0):
+  """The initializer `kind` names for a [num_prefix_tokens + grid*grid, D] table."""
+  check_init(kind, "pos_embed")
+  if kind == "sincos":
+    return sincos_init(grid, num_prefix_tokens)
+  return nn.initializers.normal(0.02)

@@ -78,9 +78,7 @@ class SamViTConfig:
   pos_embed_init: str = "sincos"
 
   def __post_init__(self):
-    if self.pos_embed_init not in pos_embed_lib.POS_EMBED_INITS:
-      raise ValueError(f"SamViTConfig.pos_embed_init must be one of "
-                       f"{pos_embed_lib.POS_EMBED_INITS}, got {self.pos_embed_init!r}")
+    pos_embed_lib.check_init(self.pos_embed_init, "SamViTConfig")
 
   @property
   def head_dim(self) -> int:
@@ -208,8 +206,7 @@ class SamViT(nn.Module):
                            mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=cfg.dtype)
     _, h, w, d = x.shape
     g = cfg.pretrain_grid
-    pos_init = (pos_embed_lib.sincos_init(g) if cfg.pos_embed_init == "sincos"
-                else nn.initializers.normal(0.02))
+    pos_init = pos_embed_lib.initializer(cfg.pos_embed_init, g)
     pos_embed = self.param("pos_embed", layers.param_init(pos_init, ("pos", "embed")), (g * g, d))
     a, antialias = (-0.5, True) if cfg.resize_like_scenic else (-0.75, False)
     pos_embed = resize.resize_bicubic(pos_embed.reshape(g, g, d), (h, w), a=a, antialias=antialias)
