@@ -175,3 +175,20 @@ def test_unknown_fuse_mode_is_refused():
   from pixelllm_jax.models.prompt_extractor import PromptExtractorConfig
   with pytest.raises(ValueError, match="fuse"):
     PromptExtractorConfig(fuse="concat")
+
+
+def test_dense_tokens_carry_the_grid_position():
+  """On a constant image map the updated image tokens are alike everywhere; the
+  dense tokens must still differ by grid position (the PE is added back)."""
+  import jax
+  import jax.numpy as jnp
+  from pixelllm_jax.models.prompt_extractor import PromptExtractor, PromptExtractorConfig
+  cfg = PromptExtractorConfig(depth=1, width=16, num_heads=2, mlp_dim=32, num_queries=3,
+                              output_dim=8, fuse="dense")
+  pe = jax.random.normal(jax.random.key(1), (2, 2, 16))
+  args = (jnp.ones((1, 2, 2, 5)), pe, jnp.ones((1, 1, 2, 16)), jnp.zeros((16,)))
+  model = PromptExtractor(cfg)
+  variables = model.init(jax.random.key(0), *args)
+  out = np.asarray(model.apply(variables, *args))[0, 0]  # [h*w, 8]
+  spread = np.abs(out - out.mean(0, keepdims=True)).mean()
+  assert spread > 0.1, spread

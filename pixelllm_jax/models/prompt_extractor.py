@@ -7,16 +7,18 @@ in Scenic's `projects/pixel_llm`). Architecture:
   (C -> width), the prompt tokens and the dense prompt (Dp -> width, *one
   shared* projection, as the official `prompt_embedding_projection_mlp`), and
   the image PE (Dp -> width). The projected dense prompt is added to every
-  image position. (The official code skips these projections when
-  Dp == width; here they always exist.)
+  image position. As the official code, the prompt-side projections are
+  skipped when Dp == width (the prompt PE and image PE then share one space).
 - Tokens = Q learned queries followed by the prompt's T tokens. A SAM
   two-way transformer (`two_way.py`) runs over tokens and image positions; the
   tokens themselves serve as the token PE, as in SAM's mask decoder.
 - Each of the first Q output tokens gets its own Dense width -> output_dim
   (the official `output_hypernetworks_mlps.{i}`, stored here as one stacked
   kernel [Q, width, output_dim]).
-- Dropped: the official dense branch (updated image tokens -> Dense), which
-  PixelLLM computes and never uses (`prompt_fuse_fn='sparse'`).
+- The official dense branch (updated image tokens -> Dense), which PixelLLM
+  computes and never uses (`prompt_fuse_fn='sparse'`), is built only when
+  `fuse` asks for it; here it adds the grid PE back to the image tokens first,
+  so each dense token tells the LM where it is.
 
 Deliberate change from the official code: the image map is projected once
 per image and *not* repeated per prompt; the transformer is vmapped over the
@@ -181,7 +183,9 @@ class PromptExtractor(nn.Module):
       parts.append(PerQueryDense(cfg.output_dim, dtype=dtype, name="output_heads")(
           out_BxKxNxW[:, :, :cfg.num_queries]))
     if cfg.fuse in ("dense", "sparse+dense"):
+      # The updated image tokens carry no position of their own (attention values
+      # never include the PE), so the grid PE is added back before the LM reads them.
       parts.append(layers.dense(cfg.output_dim, ("embed", "mlp"), dtype=dtype,
-                                name="dense_head")(image_out_BxKxSxW))
+                                name="dense_head")(image_out_BxKxSxW + pe_BxSxW[:, None]))
     visual = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
     return nn.with_logical_constraint(visual, ("batch", None, "length", "embed"))
