@@ -4,7 +4,8 @@
 
 Restores the latest checkpoint in MODEL_DIR, runs every task on the held-out
 split and writes MODEL_DIR/metrics.json plus PNG visualizations under
-MODEL_DIR/eval/. How each task is read (DESIGN.md sections 2 and 4):
+MODEL_DIR/eval/, with every prediction in MODEL_DIR/eval/predictions_{refer,
+caption,loca}.jsonl (one JSON object per expression / image / region). How each task is read (DESIGN.md sections 2 and 4):
 - refer: the expression is teacher forced; the box is the min/max of the two
   points at the position whose target is EOS; P@0.5 counts IoU > 0.5 (strict).
   Every expression of every image is evaluated (no truncation).
@@ -87,13 +88,27 @@ def load_scenes(path: str | None) -> dict[int, dict]:
   return scenes
 
 
-def _image_id(meta: dict) -> int:
-  value = meta["image_id"]
-  return int(value.decode() if isinstance(value, bytes) else value)
+def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+  """One JSON object per line (numpy values converted)."""
+  with open(path, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+              + "\n")
+
+
+def _image_id(meta: dict) -> int | str | None:
+  """The record's image id: an int when numeric (COCO, the world), else the
+  string (Open Images ids are hex strings)."""
+  value = meta.get("image_id")
+  if isinstance(value, bytes):
+    value = value.decode()
+  if isinstance(value, str) and not value.isdigit():
+    return value
+  return None if value is None else int(value)
 
 
 def eval_refer(runner: Runner, batches, out_dir: str, num_vis: int) -> dict[str, float]:
-  preds, gts = [], []
+  preds, gts, rows = [], [], []
   for batch, metas in batches:
     points, _ = runner.forward(batch)
     for row, slot, meta in metas:
@@ -101,10 +116,13 @@ def eval_refer(runner: Runner, batches, out_dir: str, num_vis: int) -> dict[str,
       pred = box_lib.clip_to_image(box_lib.points_to_box(points[row, slot, eos]))
       preds.append(pred)
       gts.append(np.asarray(meta["box"], np.float32))
+      rows.append({"image_id": _image_id(meta), "sent_id": meta.get("sent_id"),
+                   "expression": meta["expression"], "pred_box": pred, "gt_box": gts[-1]})
       if len(preds) <= num_vis:
         image = visualize.draw_boxes(batch["image"][row], pred, gts[-1], meta["expression"])
         visualize.save_png(os.path.join(out_dir, f"refer_{len(preds) - 1:02d}.png"), image)
   scores = refer.refer_precision(np.stack(preds), np.stack(gts), threshold=0.5)
+  write_jsonl(os.path.join(out_dir, "predictions_refer.jsonl"), rows)
   return {"refer_p@0.5": scores.precision, "refer_mean_iou": scores.mean_iou,
           "refer_count": scores.count}
 
@@ -150,14 +168,20 @@ def eval_trace(runner: Runner, batches, scenes: dict[int, dict], tokenizer, out_
   return result
 
 
-def eval_captions(runner: Runner, batches, tokenizer, prefix: str) -> dict[str, float]:
-  predictions, references = {}, {}
+def eval_captions(runner: Runner, batches, tokenizer, prefix: str,
+                  out_dir: str | None = None) -> dict[str, float]:
+  predictions, references, rows = {}, {}, []
   for batch, metas in batches:
     tokens, _ = runner.generate(batch)
     for row, slot, meta in metas:
       key = len(predictions)
       predictions[key] = tokenizer.decode(tokens[row, slot].tolist())
       references[key] = [meta["reference"]]
+      rows.append({"image_id": _image_id(meta), "prediction": predictions[key],
+                   "reference": meta["reference"]}
+                  | ({"box": meta["box"]} if "box" in meta else {}))
+  if out_dir is not None:
+    write_jsonl(os.path.join(out_dir, f"predictions_{prefix}.jsonl"), rows)
   result = {f"{prefix}_cider": captioning.cider(predictions, references),
             f"{prefix}_count": len(predictions)}
   if prefix == "loca":
@@ -204,7 +228,7 @@ def evaluate(*, model_dir: str = gin.REQUIRED, model: PixelLLM = gin.REQUIRED,
       metrics.update(eval_trace(runner, batches(task), load_scenes(scenes_path), tokenizer,
                                 out_dir, num_visualizations))
     elif task in ("caption", "loca"):
-      metrics.update(eval_captions(runner, batches(task), tokenizer, task))
+      metrics.update(eval_captions(runner, batches(task), tokenizer, task, out_dir))
     else:
       raise ValueError(f"no evaluation for task {task!r}")
     print(f"eval {task}: {time.perf_counter() - task_start:.1f} s", flush=True)
