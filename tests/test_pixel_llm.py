@@ -9,6 +9,8 @@ losses on hand-computed values.
 Compilation dominates the runtime on CPU, so one model is initialized per module and every
 contract that keeps the base batch shapes reuses one jitted forward.
 """
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -392,3 +394,35 @@ def test_zero_weights_give_zero_loss_and_finite_grads():
   assert float(total) == 0.0
   for g in grads:
     assert np.all(np.isfinite(g)) and float(jnp.abs(g).max()) == 0.0
+
+
+def test_box_grid_points_span_the_box():
+  from pixelllm_jax.models.pixel_llm import box_grid_points
+  box = jnp.array([[0.2, 0.4, 0.6, 1.0]])
+  np.testing.assert_allclose(box_grid_points(box, 2)[0],
+                             [[0.2, 0.4], [0.6, 0.4], [0.2, 1.0], [0.6, 1.0]], atol=1e-6)
+  grid = np.asarray(box_grid_points(box, 3)[0])
+  assert grid.shape == (9, 2)
+  np.testing.assert_allclose(grid[4], [0.4, 0.7], atol=1e-6)  # the centre
+  with pytest.raises(ValueError, match="prompt_points_per_side"):
+    dataclasses.replace(mf.toy_config(), prompt_points_per_side=1)
+
+
+def test_grid_point_prompt_encodes_the_box(variables, batch):
+  """prompt_points_per_side = 3: same parameters; visual tokens follow the box and the
+  points are embedded as positive point prompts (not as the box-corner tokens)."""
+  model = PixelLLM(dataclasses.replace(mf.toy_config(lora_rank=LORA_RANK),
+                                       prompt_points_per_side=3))
+  tokens = jax.jit(lambda v, b: model.apply(v, b, method=PixelLLM.visual_tokens))
+  corner_tokens = PixelLLM(mf.toy_config(lora_rank=LORA_RANK)).apply(
+      variables, batch, method=PixelLLM.visual_tokens)
+  base = tokens(variables, batch)
+  assert base.shape == corner_tokens.shape
+  assert _max_diff(base, corner_tokens) > 1e-3
+  boxes = np.array(batch.prompt_boxes)
+  boxes[0, 0] = [0.1, 0.1, 0.3, 0.3]
+  moved = batch.replace(prompt_boxes=boxes)
+  out = tokens(variables, moved)
+  assert _max_diff(out[0, 0], base[0, 0]) > 1e-3      # the moved prompt changes
+  _assert_close(out[0, 1], base[0, 1], 1e-6)          # the other prompts do not
+  _assert_close(out[1], base[1], 1e-6)

@@ -12,9 +12,13 @@ The extractor runs once per distinct prompt (K per image); caption slots (N per
 image) pick their prompt through `Batch.prompt_index`. Whether the
 localization loss reaches the LM is `loc_grad_to_lm` (official: it does).
 
-A box prompt is its two corner tokens. The official code appended three
-copies of SAM's no-mask embedding as padding tokens; with no official
-checkpoint to stay compatible with, the padding is left out.
+A box prompt is its two corner tokens (every paper config: the official
+`prompt_use_box_rate=1`). The official code appended three copies of SAM's
+no-mask embedding as padding tokens; with no official checkpoint to stay
+compatible with, the padding is left out. `prompt_points_per_side = n >= 2`
+instead encodes the box as the official point prompt: an n x n grid of
+positive points spanning the box (n = 2: its 4 corners; n = 3 adds the edge
+midpoints and the centre).
 """
 import dataclasses
 
@@ -48,10 +52,24 @@ class PixelLLMConfig:
   sam_frozen: bool = True
   loc_grad_to_lm: bool = True
   visual_proj_eps: float = 1e-5
+  # 0: a box is its 2 corner tokens; n >= 2: an n x n grid of positive points over it.
+  prompt_points_per_side: int = 0
 
   def __post_init__(self):
     if self.eva02 is None and self.sam is None:
       raise ValueError("PixelLLMConfig needs at least one image encoder (eva02 and/or sam)")
+    if self.prompt_points_per_side == 1 or self.prompt_points_per_side < 0:
+      raise ValueError("PixelLLMConfig.prompt_points_per_side must be 0 (box corners) or >= 2, "
+                       f"got {self.prompt_points_per_side}")
+
+
+def box_grid_points(boxes_Kx4: jax.Array, points_per_side: int) -> jax.Array:
+  """float[..., 4] xyxy -> float[..., n * n, 2]: an n x n grid spanning each box, rows first."""
+  steps = jnp.linspace(0.0, 1.0, points_per_side)
+  fy, fx = jnp.meshgrid(steps, steps, indexing="ij")
+  frac = jnp.stack([fx.reshape(-1), fy.reshape(-1)], axis=-1)  # [n*n, 2] (x, y)
+  lo, hi = boxes_Kx4[..., None, :2], boxes_Kx4[..., None, 2:]
+  return lo + frac * (hi - lo)
 
 
 @flax.struct.dataclass
@@ -101,7 +119,13 @@ class PixelLLM(nn.Module):
     """float32[B, K, Q, D]: LM-width visual tokens for each distinct prompt."""
     fused = self.image_features(batch.image)
     grid_hw = fused.shape[1:3]
-    prompt_tokens = self.prompt_encoder.embed_boxes(batch.prompt_boxes, batch.image_valid_hw)
+    n = self.config.prompt_points_per_side
+    if n:
+      points = box_grid_points(batch.prompt_boxes, n)
+      prompt_tokens = self.prompt_encoder.embed_points(
+          points, jnp.ones(points.shape[:-1], jnp.int32), batch.image_valid_hw)
+    else:
+      prompt_tokens = self.prompt_encoder.embed_boxes(batch.prompt_boxes, batch.image_valid_hw)
     image_pe = self.prompt_encoder.dense_pe(grid_hw)
     dense_prompt = self.prompt_encoder.no_mask_embed()
     visual = self.extractor(fused, image_pe, prompt_tokens, dense_prompt)
