@@ -4,8 +4,9 @@
 
 Restores the latest checkpoint in MODEL_DIR, runs every task on the held-out
 split and writes MODEL_DIR/metrics.json plus PNG visualizations under
-MODEL_DIR/eval/, with every prediction in MODEL_DIR/eval/predictions_{refer,
-caption,loca}.jsonl (one JSON object per expression / image / region). How each task is read (DESIGN.md sections 2 and 4):
+MODEL_DIR/eval/, and every prediction to MODEL_DIR/eval/predictions_{refer,
+caption,loca}.jsonl (one JSON object per expression / caption slot / region).
+How each task is read (DESIGN.md sections 2 and 4):
 - refer: the expression is teacher forced; the box is the min/max of the two
   points at the position whose target is EOS; P@0.5 counts IoU > 0.5 (strict).
   Every expression of every image is evaluated (no truncation).

@@ -63,12 +63,12 @@ class PixelLLMConfig:
                        f"got {self.prompt_points_per_side}")
 
 
-def box_grid_points(boxes_Kx4: jax.Array, points_per_side: int) -> jax.Array:
+def box_grid_points(boxes_x4: jax.Array, points_per_side: int) -> jax.Array:
   """float[..., 4] xyxy -> float[..., n * n, 2]: an n x n grid spanning each box, rows first."""
   steps = jnp.linspace(0.0, 1.0, points_per_side)
   fy, fx = jnp.meshgrid(steps, steps, indexing="ij")
   frac = jnp.stack([fx.reshape(-1), fy.reshape(-1)], axis=-1)  # [n*n, 2] (x, y)
-  lo, hi = boxes_Kx4[..., None, :2], boxes_Kx4[..., None, 2:]
+  lo, hi = boxes_x4[..., None, :2], boxes_x4[..., None, 2:]
   return lo + frac * (hi - lo)
 
 
