@@ -170,7 +170,7 @@ def eval_trace(runner: Runner, batches, scenes: dict[int, dict], tokenizer, out_
 
 
 def eval_captions(runner: Runner, batches, tokenizer, prefix: str,
-                  out_dir: str | None = None) -> dict[str, float]:
+                  out_dir: str) -> dict[str, float]:
   predictions, references, rows = {}, {}, []
   for batch, metas in batches:
     tokens, _ = runner.generate(batch)
@@ -181,8 +181,7 @@ def eval_captions(runner: Runner, batches, tokenizer, prefix: str,
       rows.append({"image_id": _image_id(meta), "prediction": predictions[key],
                    "reference": meta["reference"]}
                   | ({"box": meta["box"]} if "box" in meta else {}))
-  if out_dir is not None:
-    write_jsonl(os.path.join(out_dir, f"predictions_{prefix}.jsonl"), rows)
+  write_jsonl(os.path.join(out_dir, f"predictions_{prefix}.jsonl"), rows)
   result = {f"{prefix}_cider": captioning.cider(predictions, references),
             f"{prefix}_count": len(predictions)}
   if prefix == "loca":

@@ -186,6 +186,6 @@ class PromptExtractor(nn.Module):
       # The updated image tokens carry no position of their own (attention values
       # never include the PE), so the grid PE is added back before the LM reads them.
       parts.append(layers.dense(cfg.output_dim, ("embed", "mlp"), dtype=dtype,
-                                name="dense_head")(image_out_BxKxSxW + pe_BxSxW[:, None]))
+                                name="dense_head")(image_out_BxKxSxW + pe_SxW))
     visual = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
     return nn.with_logical_constraint(visual, ("batch", None, "length", "embed"))
