@@ -210,6 +210,30 @@ def test_narratives_are_short_timed_and_pointed():
   assert 0 < outside_image < 0.01 * total_points  # rare strays, as in real traces
 
 
+def _named_order(narrative) -> list[int]:
+  return list(dict.fromkeys(i for i in narrative.utterance_objects if i >= 0))
+
+
+@pytest.mark.parametrize("order", language.NARRATIVE_ORDERS)
+def test_narrative_order(order):
+  """left_to_right names objects by box centre; random names each once, in varied orders."""
+  seen_other_order = 0
+  for scene, rng in _scenes(100):
+    named = _named_order(language.narrate(scene, rng, order))
+    assert sorted(named) == [o.index for o in scene.objects]
+    seen_other_order += named != [o.index for o in language.left_to_right(scene)]
+  if order == "left_to_right":
+    assert seen_other_order == 0
+  else:
+    assert seen_other_order > 50  # 2-5 objects: a random order is rarely left to right
+
+
+def test_unknown_narrative_order_is_an_error():
+  scene, rng = next(_scenes(1))
+  with pytest.raises(ValueError, match="narrative order"):
+    language.narrate(scene, rng, "by_size")
+
+
 # ---------------------------------------------------------------- files
 
 

@@ -38,7 +38,7 @@ def _annotate(split: str, index: int, image_id: int, first_ann_id: int, seed: in
   scene = scene_lib.sample_scene(rng, config)
   image = scene_lib.render(scene, rng)
   expressions = language.referring_expressions(scene, rng)
-  narrative = language.narrate(scene, rng)
+  narrative = language.narrate(scene, rng, config.narrative_order)
   return writers.Annotated(split, image_id, scene, narrative, expressions, first_ann_id), image
 
 
@@ -96,11 +96,14 @@ flags.DEFINE_integer("num_val", 300, "Validation scenes.")
 flags.DEFINE_integer("num_test", 300, "Test scenes.")
 flags.DEFINE_integer("image_size", 64, "Image side in pixels.")
 flags.DEFINE_integer("seed", 0, "Seed of every random draw.")
+flags.DEFINE_enum("narrative_order", "left_to_right", language.NARRATIVE_ORDERS,
+                  "Order in which a narrative names the objects.")
 
 
 def main(argv):
   del argv
-  config = scene_lib.WorldConfig(image_size=FLAGS.image_size, seed=FLAGS.seed)
+  config = scene_lib.WorldConfig(image_size=FLAGS.image_size, seed=FLAGS.seed,
+                                  narrative_order=FLAGS.narrative_order)
   result = generate_world(FLAGS.out_dir, num_train=FLAGS.num_train, num_val=FLAGS.num_val,
                           num_test=FLAGS.num_test, config=config)
   for split, count in result["counts"].items():

@@ -12,14 +12,16 @@
   (`MARGIN` of the image side), so a reader with any threshold in
   [MARGIN / 2, MARGIN] gets the same answer.
 - Narrative (Localized Narratives style, `narrate`): "there is a small red
-  circle on the left and a big blue square ...", objects left to right, at
-  most `MAX_NARRATIVE_WORDS` words (a location phrase is added to an object
-  only while the budget allows). One timed utterance per word, about 3 words
-  a second with short gaps. A 25 Hz mouse trace circles inside each object's
-  box from just before its first attribute word until just after its last
-  word, and travels on a curved path between objects while the function words
-  ("and a") are spoken. The trace may start slightly outside the image
-  (rarely), and is sometimes split into two segments during a travel.
+  circle on the left and a big blue square ...", objects left to right (or in a
+  random order, `order="random"`: pointing then depends on what a word names,
+  not on its place in the sentence), at most `MAX_NARRATIVE_WORDS` words (a
+  location phrase is added to an object only while the budget allows). One
+  timed utterance per word, about 3 words a second with short gaps. A 25 Hz
+  mouse trace circles inside each object's box from just before its first
+  attribute word until just after its last word, and travels on a curved path
+  between objects while the function words ("and a") are spoken. The trace
+  may start slightly outside the image (rarely), and is sometimes split into
+  two segments during a travel.
 """
 import dataclasses
 import itertools
@@ -213,9 +215,15 @@ class Narrative:
   utterance_objects: list[int]
 
 
-def _narrative_words(scene: Scene, rng: np.random.Generator) -> tuple[list[str], list[int], list[int]]:
+NARRATIVE_ORDERS = ("left_to_right", "random")
+
+
+def _narrative_words(scene: Scene, rng: np.random.Generator,
+                     order: str) -> tuple[list[str], list[int], list[int]]:
   """(words, object named per word or -1, object the mouse rests on per word or -1)."""
   objects = left_to_right(scene)
+  if order == "random":
+    objects = [objects[k] for k in rng.permutation(len(objects))]
   leads = [_OPENINGS[int(rng.integers(len(_OPENINGS)))]]
   leads += [_LINKS[int(rng.integers(len(_LINKS)))] for _ in objects[1:]]
   budget = MAX_NARRATIVE_WORDS - sum(len(lead) + 3 for lead in leads)
@@ -292,9 +300,14 @@ def _mouse_path(scene: Scene, rng: np.random.Generator, times_T: np.ndarray, dwe
   return path_Tx2
 
 
-def narrate(scene: Scene, rng: np.random.Generator) -> Narrative:
-  """A narrative with one timed utterance per word and a mouse trace (see module docstring)."""
-  words, named, resting = _narrative_words(scene, rng)
+def narrate(scene: Scene, rng: np.random.Generator, order: str = "left_to_right") -> Narrative:
+  """A narrative with one timed utterance per word and a mouse trace (see module docstring).
+
+  order: the order objects are named in, one of NARRATIVE_ORDERS.
+  """
+  if order not in NARRATIVE_ORDERS:
+    raise ValueError(f"narrative order must be one of {NARRATIVE_ORDERS}, got {order!r}")
+  words, named, resting = _narrative_words(scene, rng, order)
   times_Ux2 = _word_times(words, rng)
   dwell = []
   for index in dict.fromkeys(r for r in resting if r >= 0):

@@ -50,6 +50,7 @@ class WorldConfig:
   min_objects: int = 2
   max_objects: int = 5
   seed: int = 0
+  narrative_order: str = "left_to_right"  # language.NARRATIVE_ORDERS
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
