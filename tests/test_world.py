@@ -6,7 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pixelllm_jax.data.world import generate, language, scene as scene_lib
 

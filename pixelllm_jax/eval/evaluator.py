@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from pixelllm_jax import decoding
-from pixelllm_jax.batch import Batch, EMPTY_SLOT
+from pixelllm_jax.batch import Batch
 from pixelllm_jax.data import pipeline, sources
 from pixelllm_jax.data.tasks import TaskConfig
 from pixelllm_jax.metrics import boxes as box_lib
