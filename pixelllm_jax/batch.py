@@ -21,6 +21,10 @@ Array = jax.Array | np.ndarray
 TASKS = ("caption", "trace", "refer", "loca")
 TASK_ID = {name: i for i, name in enumerate(TASKS)}
 EMPTY_SLOT = -1
+# Loss metrics: `COUNT_PREFIX + name` holds how many tokens metric `name` averages
+# over in a step; the training loop's logging window weighs `name` by it, so a
+# step without such tokens (a batch of another task) does not dilute it.
+COUNT_PREFIX = "count/"
 
 
 @flax.struct.dataclass

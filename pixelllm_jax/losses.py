@@ -9,12 +9,16 @@
   38.4 here (the default).
 
 Averaging. The official batches hold one task each, so each loss is a mean over
-that task's tokens. Our batches mix tasks (one jitted shape for every task), so
-with `per_task_mean` (default) each loss is the mean over the tasks present in
-the batch of that task's token mean: a trace narrative's 25 supervised tokens
-then weigh as much as a referring expression's single box token, as they do
-under the official per-task batches. With `per_task_mean=False` the loss is the
-plain mean over all weighted tokens.
+that task's tokens. Our batches mix tasks by default (one jitted shape for every
+task), so with `per_task_mean` (default) each loss is the mean over the tasks
+present in the batch of that task's token mean: a trace narrative's 25
+supervised tokens then weigh as much as a referring expression's single box
+token, as they do under the official per-task batches. With
+`per_task_mean=False` the loss is the plain mean over all weighted tokens. With
+homogeneous batches (`train_data.homogeneous`) both are the official per-task mean.
+
+Metrics carry `batch.COUNT_PREFIX + name` token counts for every averaged
+metric, so logging windows over batches of different tasks average correctly.
 """
 import dataclasses
 
@@ -22,7 +26,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from pixelllm_jax.batch import Batch, Output, TASKS
+from pixelllm_jax.batch import COUNT_PREFIX, Batch, Output, TASKS
 
 
 @gin.configurable
@@ -89,12 +93,14 @@ def compute_losses(
       "text_loss": text_loss,
       "point_loss": point_loss,
       "token_accuracy": _weighted_mean(correct, text_w)[0],
-      "text_tokens": text_count,
-      "point_tokens": point_count,
+      COUNT_PREFIX + "text_loss": text_count,
+      COUNT_PREFIX + "token_accuracy": text_count,
+      COUNT_PREFIX + "point_loss": point_count,
   }
   for i, name in enumerate(TASKS):
     in_task = (batch.task_ids == i)[..., None]
     metrics[f"slots/{name}"] = jnp.sum(batch.task_ids == i).astype(jnp.float32)
     if name in ("trace", "refer"):
-      metrics[f"point_l1/{name}"] = _weighted_mean(l1, point_w * in_task)[0]
+      metrics[f"point_l1/{name}"], metrics[f"{COUNT_PREFIX}point_l1/{name}"] = _weighted_mean(
+          l1, point_w * in_task)
   return total, metrics

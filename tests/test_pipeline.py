@@ -215,3 +215,71 @@ def test_shards_split_records(tokenizer):
   first, second = images(0), images(1)
   assert first and second and not first & second
   assert first | second == ALL_IMAGES
+
+
+SHAPES = {"refer": pipeline.TaskShape(5, 1, 6, 8), "loca": pipeline.TaskShape(3, 3, 4, 4),
+          "trace": pipeline.TaskShape(1, 1, 8, 4)}
+
+
+def _homogeneous(tokenizer, shapes=SHAPES, **kw):
+  refer = [refer_record(i, 1 + i % 5) for i in range(1, 11)]
+  loca = [loca_record(100 + i, 1 + i % 3) for i in range(6)]
+  trace = [ln_record(200 + i) for i in range(4)]
+  sources = [pipeline.TaskSource(task, records, weight, None, shapes.get(task))
+             for task, records, weight in (("refer", refer, 1.0), ("loca", loca, 3.0),
+                                           ("trace", trace, 1.0))]
+  args = dict(batch_size=4, num_slots=3, num_prompts=3, seed=0, homogeneous=True)
+  args.update(kw)
+  return pipeline.make_train_dataset(sources, tokenizer, CONFIG, **args)
+
+
+def test_homogeneous_batches_hold_one_task_in_its_own_shape(tokenizer):
+  batches = _take(iter(_homogeneous(tokenizer)), 40)
+  seen = {}
+  for batch in batches:
+    task_ids = set(batch["task_ids"].ravel().tolist()) - {EMPTY_SLOT}
+    assert len(task_ids) == 1, task_ids
+    task = next(t for t, i in TASK_ID.items() if i in task_ids)
+    n, k, length, context_len = SHAPES[task]
+    assert batch["prompt_boxes"].shape == (4, k, 4)
+    assert batch["decoder_target_tokens"].shape == (4, n, length)
+    assert batch["point_targets"].shape == (4, n, length, 2, 2)
+    assert batch["context_tokens"].shape == (4, n, context_len)
+    images = batch["image"][:, 0, 0, 0]
+    lo = {"refer": 0, "loca": 100, "trace": 200}[task]
+    assert ((images >= lo) & (images < lo + 100)).all()  # whole batch from one source
+    seen[task] = seen.get(task, 0) + 1
+  # Whole batches follow the weights 1 : 3 : 1 (40 batches).
+  assert 4 <= seen["refer"] <= 12 and 18 <= seen["loca"] <= 30 and 4 <= seen["trace"] <= 12, seen
+  # A refer record with 5 expressions fills all 5 slots of its own shape (one prompt).
+  refer = [b for b in batches if (b["task_ids"] == TASK_ID["refer"]).any()]
+  assert max(int((b["task_ids"] == TASK_ID["refer"]).sum(1).max()) for b in refer) == 5
+
+
+def test_homogeneous_stream_is_seeded_and_resumes(tokenizer):
+  iterator = iter(_homogeneous(tokenizer))
+  first = _take(iterator, 4)
+  state = iterator.get_state()
+  expected = _take(iterator, 3)
+  _assert_same(first, _take(iter(_homogeneous(tokenizer)), 4))
+  restored = iter(_homogeneous(tokenizer))
+  restored.set_state(state)
+  _assert_same(expected, _take(restored, 3))
+
+
+def test_homogeneous_without_shapes_uses_the_shared_shape(tokenizer):
+  for batch in _take(iter(_homogeneous(tokenizer, shapes={})), 6):
+    assert batch["point_targets"].shape == (4, 3, CONFIG.max_target_len, 2, 2)
+    assert len(set(batch["task_ids"].ravel().tolist()) - {EMPTY_SLOT}) == 1
+
+
+def test_own_shapes_need_homogeneous_batches(tokenizer):
+  with pytest.raises(ValueError, match="homogeneous"):
+    _homogeneous(tokenizer, homogeneous=False)
+
+
+def test_train_data_refuses_shapes_for_tasks_outside_the_mixture():
+  from pixelllm_jax.data import sources
+  with pytest.raises(ValueError, match=r"not in the mixture: \['loca'\]"):
+    sources.train_data(mixture=(("refer", 1.0),), batch_size=4, num_slots=1, num_prompts=1,
+                       homogeneous=True, task_shapes=(("loca", 1, 1, 4, 4),))

@@ -341,6 +341,8 @@ def test_label_smoothing_on_hand_computed_example():
   np.testing.assert_allclose(total, (tok0 + tok1) / 2, rtol=1e-6)  # no point tokens
   assert float(metrics["point_loss"]) == 0.0
   np.testing.assert_allclose(metrics["token_accuracy"], 0.5)  # argmax 3: token 0 right, 1 wrong
+  np.testing.assert_allclose(metrics["count/text_loss"], 2.0)
+  np.testing.assert_allclose(metrics["count/token_accuracy"], 2.0)
   cfg0 = losses.LossConfig(label_smoothing=0.0)
   _, m0 = losses.compute_losses(out, batch, cfg0)
   np.testing.assert_allclose(m0["text_loss"], -(np.log(0.4) + np.log(0.1)) / 2, rtol=1e-6)
@@ -374,7 +376,8 @@ def test_point_l1_only_over_point_weighted_tokens():
   np.testing.assert_allclose(metrics["point_loss"], (0.125 + 0.1) / 2, rtol=1e-5)
   np.testing.assert_allclose(total, 2.0 * (0.125 + 0.1) / 2, rtol=1e-5)  # no text tokens
   assert float(metrics["text_loss"]) == 0.0
-  np.testing.assert_allclose(metrics["point_tokens"], 2.0)
+  np.testing.assert_allclose(metrics["count/point_loss"], 2.0)
+  np.testing.assert_allclose(metrics["count/text_loss"], 0.0)
 
 
 def test_zero_weights_give_zero_loss_and_finite_grads():

@@ -125,3 +125,23 @@ def test_cli_parses_gin_file_and_bindings(tmp_path, gin_toy):
   assert "trainable_predicate.mode = 'paper'" in config
   assert f"MODEL_DIR = '{model_dir}'" in config
   assert os.path.isdir(model_dir / "checkpoints" / "2")
+
+
+def test_logging_window_weighs_metrics_by_their_token_counts():
+  """A step of another task (no text tokens) must not dilute the text loss."""
+  import jax.numpy as jnp
+  window = trainer._Window()
+  window.add({"loss": jnp.float32(1.0), "text_loss": jnp.float32(2.0),
+              "count/text_loss": jnp.float32(10.0)}, examples=4)
+  window.add({"loss": jnp.float32(3.0), "text_loss": jnp.float32(0.0),
+              "count/text_loss": jnp.float32(0.0)}, examples=4)
+  window.add({"loss": jnp.float32(2.0), "text_loss": jnp.float32(5.0),
+              "count/text_loss": jnp.float32(30.0)}, examples=4)
+  out = window.close()
+  assert out["loss"] == pytest.approx(2.0)                        # per step
+  assert out["text_loss"] == pytest.approx((2 * 10 + 5 * 30) / 40)  # per token
+  assert out["count/text_loss"] == pytest.approx(40 / 3)
+  empty = trainer._Window()
+  empty.add({"loss": jnp.float32(1.0), "text_loss": jnp.float32(0.0),
+             "count/text_loss": jnp.float32(0.0)}, examples=4)
+  assert "text_loss" not in empty.close()  # nothing to average: left out, not 0

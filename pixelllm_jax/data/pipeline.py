@@ -15,8 +15,18 @@ Choices:
   mixed element's slot subset is drawn from `np.random.default_rng([seed,
   shard_index, index])`, so the whole stream is a pure function of the global
   index: same seed, same batches, and the grain iterator state (one index)
-  resumes exactly. Batches are whole mixed examples, so one batch can hold
-  several tasks (unlike the official per-source batches).
+  resumes exactly. By default batches are whole mixed examples, so one batch
+  can hold several tasks.
+- `homogeneous=True` is the official mixing instead (official-pixelllm.md
+  5.2): each source is batched on its own and whole batches are mixed, so a
+  batch holds one task and may have that task's own `TaskShape` (slots,
+  prompts, text lengths): a referring batch need not carry a narrative's 32
+  decoder positions, nor a narrative batch three empty slots. Slot subsets
+  and augmentation then draw from (seed, shard_index, 2, source, index): the
+  stream is again a pure function of one index and resumes exactly. Which
+  source a batch comes from depends on the weights and the index alone, so
+  every host picks the same task at each step and the global batch has one
+  shape.
 - Evaluation never truncates: an image with more slots than N (or more distinct
   prompts than K) continues in further rows with the same image.
 - Images: without `canvas_size` they are used as they are (images of one
@@ -31,6 +41,7 @@ Choices:
   shard_index, index, 1])`, a stream apart from the slot subset's, so turning
   augmentation on leaves the slot choice alone and resumption stays exact.
 """
+import dataclasses
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import grain
@@ -42,13 +53,23 @@ from pixelllm_jax.data import tasks
 from pixelllm_jax.data.tasks import Slot, TaskConfig, TextEncoder
 
 
+class TaskShape(NamedTuple):
+  """A source's own batch shape (homogeneous batches only): N, K, L, Lc."""
+  num_slots: int
+  num_prompts: int
+  max_target_len: int
+  max_context_len: int
+
+
 class TaskSource(NamedTuple):
   """One entry of a training mixture. `data_source`: random access, len().
-  `augment`: this source's training augmentation (None: none)."""
+  `augment`: this source's training augmentation (None: none).
+  `shape`: this source's batch shape (None: the dataset's; needs homogeneous)."""
   task: str
   data_source: Any
   weight: float
   augment: augment_lib.AugmentConfig | None = None
+  shape: TaskShape | None = None
 
 
 def _prompt_key(slot: Slot) -> tuple[float, ...]:
@@ -159,27 +180,28 @@ class _Tag:
 
 
 class _TrainExample:
-  """(task, index, record, augment) at mixed index i -> (name, packed example):
-  the record put on the canvas and augmented with draws from (seed, shard, i,
-  1), then a random subset of its slots drawn from (seed, shard, i)."""
+  """(task, index, record, augment) at stream index i -> (name, packed example):
+  the record put on the canvas and augmented with draws from (*key, i, 1),
+  then a random subset of its slots drawn from (*key, i); key = (seed, shard)
+  for mixed examples, (seed, shard, 2, source) for one source's stream."""
 
   def __init__(self, tokenizer: TextEncoder, config: TaskConfig, num_slots: int,
-               num_prompts: int, seed: int, shard_index: int, canvas_size: int | None):
+               num_prompts: int, key: tuple[int, ...], canvas_size: int | None):
     self.tokenizer, self.config = tokenizer, config
     self.num_slots, self.num_prompts = num_slots, num_prompts
-    self.seed, self.shard_index = seed, shard_index
+    self.key = tuple(key)
     self.canvas_size = canvas_size
 
   def __call__(self, index: int, tagged) -> tuple[str, dict[str, np.ndarray]]:
     task, record_index, source_record, augment = tagged
     record, valid_hw = source_record, None
     if self.canvas_size is not None:
-      augment_rng = np.random.default_rng([self.seed, self.shard_index, index, 1])
+      augment_rng = np.random.default_rng([*self.key, index, 1])
       record, valid_hw = augment_lib.transform_record(
           source_record, task, canvas=self.canvas_size, augment=augment, train=True,
           rng=augment_rng)
     slots = tasks.make_slots(task, record, self.tokenizer, self.config)
-    rng = np.random.default_rng([self.seed, self.shard_index, index])
+    rng = np.random.default_rng([*self.key, index])
     chosen: list[Slot] = []
     for i in rng.permutation(len(slots)):
       if _fits(slots[i], chosen, self.num_slots, self.num_prompts):
@@ -198,13 +220,14 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
                        tokenizer: TextEncoder, task_config: TaskConfig, *,
                        batch_size: int, num_slots: int, num_prompts: int, seed: int,
                        shard_index: int = 0, shard_count: int = 1, num_threads: int = 0,
-                       worker_count: int = 0, canvas_size: int | None = None
-                       ) -> grain.IterDataset:
+                       worker_count: int = 0, canvas_size: int | None = None,
+                       homogeneous: bool = False) -> grain.IterDataset:
   """An endless, seeded task mixture of batched dicts (Batch fields, leading B).
 
   Args:
-    sources: (task, data_source, weight[, augment]) per source; task in
-      batch.TASKS; augment an `augment.AugmentConfig` or None.
+    sources: (task, data_source, weight[, augment[, shape]]) per source; task
+      in batch.TASKS; augment an `augment.AugmentConfig` or None; shape a
+      `TaskShape` or None (the shape given here: N, K and `task_config`).
     batch_size: B (per host); incomplete batches never occur (endless stream).
     seed: fixes shuffles and slot subsets; same seed -> same batches.
     shard_index, shard_count: this host's share of every source's records.
@@ -213,6 +236,8 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
       and a picklable tokenizer and data sources).
     canvas_size: None: images as they are (same size); else the square canvas
       side every image is resized (shrunk only, or augmented) and padded to.
+    homogeneous: batch each source on its own and mix whole batches (the
+      official mixing); needed for per-source shapes.
 
   Returns:
     A grain IterDataset; its iterators support get_state() / set_state() for
@@ -224,23 +249,38 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
   per_source, weights = [], []
   for i, source in enumerate(sources):
-    task, data_source, weight, augment = TaskSource(*source)
+    task, data_source, weight, augment, shape = TaskSource(*source)
     if task not in tasks.SLOT_FNS:
       raise ValueError(f"unknown task {task!r}; known: {sorted(tasks.SLOT_FNS)}")
     if augment is not None and canvas_size is None:
       raise ValueError(f"source {i} ({task}) is augmented: give canvas_size")
+    if shape is not None and not homogeneous:
+      raise ValueError(f"source {i} ({task}) has its own shape: mixed batches need one "
+                       "shape for all (homogeneous=True batches each source on its own)")
     ds = grain.MapDataset.source(data_source).map_with_index(_Tag(task, augment))
     ds = ds[shard_index::shard_count]
     if len(ds) == 0:
       raise ValueError(f"source {i} ({task}) has no records for shard {shard_index}/{shard_count}")
     source_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-    per_source.append(ds.shuffle(seed=source_seed).repeat())
+    ds = ds.shuffle(seed=source_seed).repeat()
+    if homogeneous:
+      n, k, config = num_slots, num_prompts, task_config
+      if shape is not None:
+        n, k = shape.num_slots, shape.num_prompts
+        config = dataclasses.replace(task_config, max_target_len=shape.max_target_len,
+                                     max_context_len=shape.max_context_len)
+      ds = ds.map_with_index(_TrainExample(tokenizer, config, n, k, (seed, shard_index, 2, i),
+                                           canvas_size))
+      ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack_named)
+    per_source.append(ds)
     weights.append(float(weight))
-  mixed = grain.MapDataset.mix(per_source, weights)
-  examples = mixed.map_with_index(
-      _TrainExample(tokenizer, task_config, num_slots, num_prompts, seed, shard_index,
-                    canvas_size))
-  batches = examples.batch(batch_size, drop_remainder=True, batch_fn=_stack_named)
+  if homogeneous:
+    batches = grain.MapDataset.mix(per_source, weights)
+  else:
+    examples = grain.MapDataset.mix(per_source, weights).map_with_index(
+        _TrainExample(tokenizer, task_config, num_slots, num_prompts, (seed, shard_index),
+                      canvas_size))
+    batches = examples.batch(batch_size, drop_remainder=True, batch_fn=_stack_named)
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1))
   iter_ds = batches.to_iter_dataset(read_options)
   if worker_count > 0:

@@ -67,7 +67,9 @@ def tokenizer(path: str | None = None, extra_ids: int = 100) -> Tokenizer:
 def train_data(*, mixture: tuple[tuple[str, float], ...] = gin.REQUIRED, split: str = "train",
                batch_size: int = gin.REQUIRED, num_slots: int = gin.REQUIRED,
                num_prompts: int = gin.REQUIRED, seed: int = 0, num_threads: int = 0,
-               canvas_size: int | None = None, augment: str | None = None):
+               canvas_size: int | None = None, augment: str | None = None,
+               homogeneous: bool = False,
+               task_shapes: tuple[tuple[str, int, int, int, int], ...] = ()):
   """An endless iterator of numpy batches; per-host shard of every source.
 
   `batch_size` is global; each process reads `batch_size / process_count`.
@@ -75,6 +77,11 @@ def train_data(*, mixture: tuple[tuple[str, float], ...] = gin.REQUIRED, split: 
   for datasets whose images differ in size, and for augmentation).
   `augment`: None, or 'official' for the official per-dataset augmentation
   (`augment.OFFICIAL`: jitter + crop for refer/caption, + flip for loca).
+  `homogeneous`: one task per batch, whole batches mixed (the official mixing).
+  `task_shapes`: (task, num_slots, num_prompts, max_target_len,
+  max_context_len) per task that does not use the shared shape (needs
+  `homogeneous`); a text longer than its task's lengths is truncated keeping
+  EOS, as with the shared `TaskConfig`, so give lengths that fit the data.
   """
   if augment not in (None, "official"):
     raise ValueError(f"train_data.augment must be None or 'official', got {augment!r}")
@@ -82,11 +89,16 @@ def train_data(*, mixture: tuple[tuple[str, float], ...] = gin.REQUIRED, split: 
   count = jax.process_count()
   if batch_size % count:
     raise ValueError(f"batch_size {batch_size} not divisible by {count} processes")
-  sources = [pipeline.TaskSource(task, data_source(task, split), weight, augment_of.get(task))
+  shape_of = {task: pipeline.TaskShape(*shape) for task, *shape in task_shapes}
+  unknown = sorted(set(shape_of) - {task for task, _ in mixture})
+  if unknown:
+    raise ValueError(f"train_data.task_shapes names tasks not in the mixture: {unknown}")
+  sources = [pipeline.TaskSource(task, data_source(task, split), weight, augment_of.get(task),
+                                 shape_of.get(task))
              for task, weight in mixture]
   dataset = pipeline.make_train_dataset(
       sources, tokenizer(), TaskConfig(), batch_size=batch_size // count,
       num_slots=num_slots, num_prompts=num_prompts, seed=seed,
       shard_index=jax.process_index(), shard_count=count, num_threads=num_threads,
-      canvas_size=canvas_size)
+      canvas_size=canvas_size, homogeneous=homogeneous)
   return iter(dataset)

@@ -14,7 +14,10 @@
 
 Contracts:
   model.apply({'params': p}, batch: Batch, train=True, rngs={'dropout': key}) -> Output
-  loss_fn(output: Output, batch: Batch) -> (float32[] loss, {name: float32[]})
+  loss_fn(output: Output, batch: Batch) -> (float32[] loss, {name: float32[]});
+    a metric `name` with a companion `batch.COUNT_PREFIX + name` (its token
+    count) is averaged over a logging window weighted by that count (left out
+    of a window where the count is 0); other metrics are averaged per step.
   train_data: iterator of Batch (or dicts of Batch fields) of numpy arrays, the
     per-process share of the global batch, with `get_state()` (JSON-able) and
     `set_state(state)`.
@@ -34,7 +37,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from pixelllm_jax import sharding
-from pixelllm_jax.batch import Batch, Output
+from pixelllm_jax.batch import COUNT_PREFIX, Batch, Output
 from pixelllm_jax.train import checkpoint as ckpt
 from pixelllm_jax.train import metrics_writer
 from pixelllm_jax.train import state as state_lib
@@ -123,12 +126,15 @@ class TrainResult:
 
 
 class _Window:
-  """Sums per-step metrics on device; fetched to host only when logged."""
+  """Sums per-step metrics on device (count-weighted where the loss gives a
+  count, see the module contracts); fetched to host only when logged."""
 
   def __init__(self):
     self.sums, self.steps, self.examples, self.start = None, 0, 0, time.perf_counter()
 
   def add(self, metrics, examples: int):
+    metrics = {k: v * metrics[COUNT_PREFIX + k] if COUNT_PREFIX + k in metrics else v
+               for k, v in metrics.items()}
     self.sums = metrics if self.sums is None else jax.tree.map(jnp.add, self.sums, metrics)
     self.steps += 1
     self.examples += examples
@@ -136,7 +142,13 @@ class _Window:
   def close(self) -> dict[str, float]:
     seconds = max(time.perf_counter() - self.start, 1e-9)
     sums = jax.device_get(self.sums)
-    out = {k: float(v) / self.steps for k, v in sums.items()}
+    out = {}
+    for k, v in sums.items():
+      count = sums.get(COUNT_PREFIX + k)
+      if count is None:
+        out[k] = float(v) / self.steps
+      elif count > 0:
+        out[k] = float(v) / float(count)
     out["steps_per_second"] = self.steps / seconds
     out["examples_per_second"] = self.examples / seconds
     return out
