@@ -283,3 +283,13 @@ def test_train_data_refuses_shapes_for_tasks_outside_the_mixture():
   with pytest.raises(ValueError, match=r"not in the mixture: \['loca'\]"):
     sources.train_data(mixture=(("refer", 1.0),), batch_size=4, num_slots=1, num_prompts=1,
                        homogeneous=True, task_shapes=(("loca", 1, 1, 4, 4),))
+
+
+def test_homogeneous_hosts_agree_on_the_task_of_every_step(tokenizer):
+  """Shards hold different records but pick the same source per step: one global shape."""
+  def task_sequence(shard_index):
+    batches = _take(iter(_homogeneous(tokenizer, shard_index=shard_index, shard_count=2)), 20)
+    return [int(b["task_ids"].max()) for b in batches], [b["image"][:, 0, 0, 0] for b in batches]
+  (tasks_0, images_0), (tasks_1, images_1) = task_sequence(0), task_sequence(1)
+  assert tasks_0 == tasks_1 and len(set(tasks_0)) == 3
+  assert not set(np.concatenate(images_0).tolist()) & set(np.concatenate(images_1).tolist())
