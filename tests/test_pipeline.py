@@ -278,11 +278,11 @@ def test_own_shapes_need_homogeneous_batches(tokenizer):
     _homogeneous(tokenizer, homogeneous=False)
 
 
-def test_train_data_refuses_shapes_for_tasks_outside_the_mixture():
+def test_train_data_refuses_shapes_of_unknown_tasks():
   from pixelllm_jax.data import sources
-  with pytest.raises(ValueError, match=r"not in the mixture: \['loca'\]"):
+  with pytest.raises(ValueError, match=r"unknown tasks \['refr'\]"):
     sources.train_data(mixture=(("refer", 1.0),), batch_size=4, num_slots=1, num_prompts=1,
-                       homogeneous=True, task_shapes=(("loca", 1, 1, 4, 4),))
+                       homogeneous=True, task_shapes=(("refr", 1, 1, 4, 4),))
 
 
 def test_homogeneous_hosts_agree_on_the_task_of_every_step(tokenizer):

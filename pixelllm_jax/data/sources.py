@@ -10,6 +10,7 @@ import os
 import gin
 import jax
 
+from pixelllm_jax.batch import TASKS
 from pixelllm_jax.data import augment as augment_lib
 from pixelllm_jax.data import pipeline
 from pixelllm_jax.data.builders import common
@@ -80,7 +81,7 @@ def train_data(*, mixture: tuple[tuple[str, float], ...] = gin.REQUIRED, split: 
   `homogeneous`: one task per batch, whole batches mixed (the official mixing).
   `task_shapes`: (task, num_slots, num_prompts, max_target_len,
   max_context_len) per task that does not use the shared shape (needs
-  `homogeneous`); a text longer than its task's lengths is truncated keeping
+  `homogeneous`; tasks outside the mixture are ignored); a text longer than its task's lengths is truncated keeping
   EOS, as with the shared `TaskConfig`, so give lengths that fit the data.
   """
   if augment not in (None, "official"):
@@ -90,9 +91,9 @@ def train_data(*, mixture: tuple[tuple[str, float], ...] = gin.REQUIRED, split: 
   if batch_size % count:
     raise ValueError(f"batch_size {batch_size} not divisible by {count} processes")
   shape_of = {task: pipeline.TaskShape(*shape) for task, *shape in task_shapes}
-  unknown = sorted(set(shape_of) - {task for task, _ in mixture})
-  if unknown:
-    raise ValueError(f"train_data.task_shapes names tasks not in the mixture: {unknown}")
+  unknown = sorted(set(shape_of) - set(TASKS))
+  if unknown:  # shapes of known tasks outside the mixture are unused (a run may narrow it)
+    raise ValueError(f"train_data.task_shapes names unknown tasks {unknown}; known: {list(TASKS)}")
   sources = [pipeline.TaskSource(task, data_source(task, split), weight, augment_of.get(task),
                                  shape_of.get(task))
              for task, weight in mixture]
