@@ -81,8 +81,9 @@ def train_data(*, mixture: tuple[tuple[str, float], ...] = gin.REQUIRED, split: 
   `homogeneous`: one task per batch, whole batches mixed (the official mixing).
   `task_shapes`: (task, num_slots, num_prompts, max_target_len,
   max_context_len) per task that does not use the shared shape (needs
-  `homogeneous`; tasks outside the mixture are ignored); a text longer than its task's lengths is truncated keeping
-  EOS, as with the shared `TaskConfig`, so give lengths that fit the data.
+  `homogeneous`; tasks outside the mixture are ignored). A text longer than
+  its task's lengths is truncated keeping EOS, as with the shared
+  `TaskConfig`, so give lengths that fit the data.
   """
   if augment not in (None, "official"):
     raise ValueError(f"train_data.augment must be None or 'official', got {augment!r}")
