@@ -247,6 +247,11 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
     raise ValueError("make_train_dataset needs at least one source")
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+
+  def to_batches(ds, config: TaskConfig, n: int, k: int, key: tuple[int, ...]):
+    examples = ds.map_with_index(_TrainExample(tokenizer, config, n, k, key, canvas_size))
+    return examples.batch(batch_size, drop_remainder=True, batch_fn=_stack_named)
+
   per_source, weights = [], []
   for i, source in enumerate(sources):
     task, data_source, weight, augment, shape = TaskSource(*source)
@@ -269,18 +274,12 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
         n, k = shape.num_slots, shape.num_prompts
         config = dataclasses.replace(task_config, max_target_len=shape.max_target_len,
                                      max_context_len=shape.max_context_len)
-      ds = ds.map_with_index(_TrainExample(tokenizer, config, n, k, (seed, shard_index, 2, i),
-                                           canvas_size))
-      ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack_named)
+      ds = to_batches(ds, config, n, k, (seed, shard_index, 2, i))
     per_source.append(ds)
     weights.append(float(weight))
-  if homogeneous:
-    batches = grain.MapDataset.mix(per_source, weights)
-  else:
-    examples = grain.MapDataset.mix(per_source, weights).map_with_index(
-        _TrainExample(tokenizer, task_config, num_slots, num_prompts, (seed, shard_index),
-                      canvas_size))
-    batches = examples.batch(batch_size, drop_remainder=True, batch_fn=_stack_named)
+  mixed = grain.MapDataset.mix(per_source, weights)
+  batches = mixed if homogeneous else to_batches(mixed, task_config, num_slots, num_prompts,
+                                                 (seed, shard_index))
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1))
   iter_ds = batches.to_iter_dataset(read_options)
   if worker_count > 0:
