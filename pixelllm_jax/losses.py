@@ -17,6 +17,14 @@ token, as they do under the official per-task batches. With
 `per_task_mean=False` the loss is the plain mean over all weighted tokens. With
 homogeneous batches (`train_data.homogeneous`) both are the official per-task mean.
 
+Optional box term (`box_giou_weight`, default 0 = the official L1 only): with
+P = 2 points per token, the two points of each point-supervised token of the
+`box_giou_tasks` (default: referring, the task scored by box IoU) are a box
+(min/max of the points, as at inference) and its target points the true box;
+the term is the mean generalized IoU loss (1 - GIoU, Rezatofighi et al. 2019,
+as DETR adds to its box L1). L1 alone pulls each corner by a constant step
+whatever the box size; GIoU weighs errors relative to the box.
+
 Metrics carry `batch.COUNT_PREFIX + name` token counts for every averaged
 metric, so logging windows over batches of different tasks average correctly.
 """
@@ -36,6 +44,13 @@ class LossConfig:
   point_loss_weight: float = 38.4
   text_loss_weight: float = 1.0
   per_task_mean: bool = True
+  box_giou_weight: float = 0.0
+  box_giou_tasks: tuple[str, ...] = ("refer",)
+
+  def __post_init__(self):
+    unknown = set(self.box_giou_tasks) - set(TASKS)
+    if unknown:
+      raise ValueError(f"LossConfig.box_giou_tasks: unknown tasks {sorted(unknown)}; known: {TASKS}")
 
 
 def smoothed_cross_entropy(
@@ -50,6 +65,23 @@ def smoothed_cross_entropy(
   off = label_smoothing / (vocab - 1)
   on = 1.0 - label_smoothing
   return -(on * true_logp + off * (jnp.sum(logp, axis=-1) - true_logp))
+
+
+def giou_loss(pred_P2: jax.Array, target_P2: jax.Array) -> jax.Array:
+  """float32[..., 2, 2] point pairs -> float32[...] 1 - GIoU of their min/max boxes."""
+  def box(points):
+    return jnp.min(points, axis=-2), jnp.max(points, axis=-2)
+
+  def area(lo, hi):
+    return jnp.prod(jnp.maximum(hi - lo, 0.0), axis=-1)
+
+  (p_lo, p_hi), (t_lo, t_hi) = box(pred_P2), box(target_P2)
+  inter = area(jnp.maximum(p_lo, t_lo), jnp.minimum(p_hi, t_hi))
+  union = area(p_lo, p_hi) + area(t_lo, t_hi) - inter
+  hull = area(jnp.minimum(p_lo, t_lo), jnp.maximum(p_hi, t_hi))
+  eps = 1e-7
+  iou = inter / (union + eps)
+  return 1.0 - (iou - (hull - union) / (hull + eps))
 
 
 def _weighted_mean(values: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -87,6 +119,17 @@ def compute_losses(
   point_loss, point_count = _task_mean(l1, point_w, batch.task_ids, config.per_task_mean)
 
   total = config.text_loss_weight * text_loss + config.point_loss_weight * point_loss
+  box_metrics = {}
+  if config.box_giou_weight:
+    if output.points.shape[-2] != 2:
+      raise ValueError("LossConfig.box_giou_weight needs 2 points per token (box corners), "
+                       f"got {output.points.shape[-2]}")
+    in_tasks = jnp.isin(batch.task_ids, jnp.asarray([TASKS.index(t) for t in config.box_giou_tasks]))
+    giou, giou_count = _task_mean(giou_loss(output.points, batch.point_targets),
+                                  point_w * in_tasks[..., None], batch.task_ids,
+                                  config.per_task_mean)
+    total = total + config.box_giou_weight * giou
+    box_metrics = {"giou_loss": giou, COUNT_PREFIX + "giou_loss": giou_count}
   correct = (jnp.argmax(output.logits, axis=-1) == batch.decoder_target_tokens)
   metrics = {
       "loss": total,
@@ -96,6 +139,7 @@ def compute_losses(
       COUNT_PREFIX + "text_loss": text_count,
       COUNT_PREFIX + "token_accuracy": text_count,
       COUNT_PREFIX + "point_loss": point_count,
+      **box_metrics,
   }
   for i, name in enumerate(TASKS):
     in_task = (batch.task_ids == i)[..., None]

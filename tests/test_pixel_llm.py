@@ -20,7 +20,7 @@ from flax import traverse_util
 
 import model_fixtures as mf
 from pixelllm_jax import decoding, losses
-from pixelllm_jax.batch import Batch, Output
+from pixelllm_jax.batch import TASKS, Batch, Output
 from pixelllm_jax.lora import LORA_PARAM_NAMES
 from pixelllm_jax.models.pixel_llm import Encoded, PixelLLM
 from axis_names import assert_known_axis_names
@@ -429,3 +429,49 @@ def test_grid_point_prompt_encodes_the_box(variables, batch):
   assert _max_diff(out[0, 0], base[0, 0]) > 1e-3      # the moved prompt changes
   _assert_close(out[0, 1], base[0, 1], 1e-6)          # the other prompts do not
   _assert_close(out[1], base[1], 1e-6)
+
+
+def test_giou_loss_on_hand_computed_boxes():
+  true = np.array([[0.1, 0.1], [0.5, 0.5]], np.float32)          # box 0.4 x 0.4
+  # Same box, corners given in either order: GIoU 1, loss 0.
+  np.testing.assert_allclose(losses.giou_loss(true, true), 0.0, atol=1e-6)
+  np.testing.assert_allclose(losses.giou_loss(true[::-1], true), 0.0, atol=1e-6)
+  # Half overlap: [0.3, 0.1, 0.7, 0.5]; inter .08, union .24, hull .6 x .4 = .24: IoU 1/3.
+  shifted = np.array([[0.3, 0.1], [0.7, 0.5]], np.float32)
+  np.testing.assert_allclose(losses.giou_loss(shifted, true), 1.0 - 1.0 / 3.0, rtol=1e-5)
+  # Disjoint [0.6, 0.6, 0.9, 0.9]: IoU 0, union .25, hull .64: GIoU -.39/.64.
+  far = np.array([[0.6, 0.6], [0.9, 0.9]], np.float32)
+  np.testing.assert_allclose(losses.giou_loss(far, true), 1.0 + 0.39 / 0.64, rtol=1e-5)
+
+
+def test_box_giou_weight_adds_the_mean_over_point_weighted_tokens_of_its_tasks():
+  # Two slots: a referring one (giou counted) and a trace one (not, by default).
+  targets = np.array([[[5, 6, 1], [5, 6, 1]]], np.int32)
+  true = np.array([[0.1, 0.1], [0.5, 0.5]], np.float32)
+  half = np.array([[0.3, 0.1], [0.7, 0.5]], np.float32)             # loss 2/3
+  far = np.array([[0.9, 0.9], [0.95, 0.95]], np.float32)
+  pred = np.stack([np.stack([half, far, true]),                      # refer: weights 1, 0, 1
+                   np.stack([far, far, far])])[None]                 # trace: weights 1, 1, 1
+  tgt = np.broadcast_to(true, (1, 2, 3, 2, 2)).copy()
+  point_w = np.array([[[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]]], np.float32)
+  batch = _loss_batch(targets, np.zeros((1, 2, 3), np.float32), tgt, point_w)
+  batch = batch.replace(task_ids=np.array([[TASKS.index("refer"), TASKS.index("trace")]], np.int32))
+  out = Output(logits=jnp.zeros((1, 2, 3, 8)), points=jnp.asarray(pred),
+               hidden=jnp.zeros((1, 2, 3, 1)))
+  plain_cfg = losses.LossConfig(point_loss_weight=1.0, per_task_mean=False)
+  plain, m0 = losses.compute_losses(out, batch, plain_cfg)
+  assert "giou_loss" not in m0
+  cfg = dataclasses.replace(plain_cfg, box_giou_weight=3.0)
+  total, m = losses.compute_losses(out, batch, cfg)
+  np.testing.assert_allclose(m["giou_loss"], (2.0 / 3.0 + 0.0) / 2, rtol=1e-5)
+  np.testing.assert_allclose(m["count/giou_loss"], 2.0)
+  np.testing.assert_allclose(total, plain + 3.0 * (1.0 / 3.0), rtol=1e-5)
+  # Counting trace too adds its three weighted tokens, each a disjoint box (far_loss).
+  both = losses.compute_losses(out, batch, dataclasses.replace(cfg, box_giou_tasks=("refer", "trace")))[1]
+  far_loss = float(losses.giou_loss(far, true))
+  np.testing.assert_allclose(both["giou_loss"], (2.0 / 3.0 + 3 * far_loss) / 5, rtol=1e-5)
+  one_point = Output(logits=out.logits, points=out.points[..., :1, :], hidden=out.hidden)
+  with pytest.raises(ValueError, match="2 points per token"):
+    losses.compute_losses(one_point, batch, losses.LossConfig(box_giou_weight=1.0))
+  with pytest.raises(ValueError, match="unknown tasks"):
+    losses.LossConfig(box_giou_tasks=("boxes",))
