@@ -19,7 +19,7 @@ homogeneous batches (`train_data.homogeneous`) both are the official per-task me
 
 Optional box term (`box_giou_weight`, default 0 = the official L1 only): with
 P = 2 points per token, the two points of each point-supervised token of the
-`box_giou_tasks` (default: referring, the task scored by box IoU) are a box
+`box_giou_tasks` (default: every task with box targets, trace and referring) are a box
 (min/max of the points, as at inference) and its target points the true box;
 the term is the mean generalized IoU loss (1 - GIoU, Rezatofighi et al. 2019,
 as DETR adds to its box L1). L1 alone pulls each corner by a constant step
@@ -45,7 +45,7 @@ class LossConfig:
   text_loss_weight: float = 1.0
   per_task_mean: bool = True
   box_giou_weight: float = 0.0
-  box_giou_tasks: tuple[str, ...] = ("refer",)
+  box_giou_tasks: tuple[str, ...] = ("trace", "refer")
 
   def __post_init__(self):
     unknown = set(self.box_giou_tasks) - set(TASKS)

@@ -445,7 +445,7 @@ def test_giou_loss_on_hand_computed_boxes():
 
 
 def test_box_giou_weight_adds_the_mean_over_point_weighted_tokens_of_its_tasks():
-  # Two slots: a referring one (giou counted) and a trace one (not, by default).
+  # Two slots: a referring one and a trace one; box_giou_tasks picks which count.
   targets = np.array([[[5, 6, 1], [5, 6, 1]]], np.int32)
   true = np.array([[0.1, 0.1], [0.5, 0.5]], np.float32)
   half = np.array([[0.3, 0.1], [0.7, 0.5]], np.float32)             # loss 2/3
@@ -461,13 +461,14 @@ def test_box_giou_weight_adds_the_mean_over_point_weighted_tokens_of_its_tasks()
   plain_cfg = losses.LossConfig(point_loss_weight=1.0, per_task_mean=False)
   plain, m0 = losses.compute_losses(out, batch, plain_cfg)
   assert "giou_loss" not in m0
-  cfg = dataclasses.replace(plain_cfg, box_giou_weight=3.0)
+  cfg = dataclasses.replace(plain_cfg, box_giou_weight=3.0, box_giou_tasks=("refer",))
   total, m = losses.compute_losses(out, batch, cfg)
   np.testing.assert_allclose(m["giou_loss"], (2.0 / 3.0 + 0.0) / 2, rtol=1e-5)
   np.testing.assert_allclose(m["count/giou_loss"], 2.0)
   np.testing.assert_allclose(total, plain + 3.0 * (1.0 / 3.0), rtol=1e-5)
-  # Counting trace too adds its three weighted tokens, each a disjoint box (far_loss).
-  both = losses.compute_losses(out, batch, dataclasses.replace(cfg, box_giou_tasks=("refer", "trace")))[1]
+  # The default counts trace too: its three weighted tokens, each a disjoint box (far_loss).
+  assert losses.LossConfig().box_giou_tasks == ("trace", "refer")
+  both = losses.compute_losses(out, batch, dataclasses.replace(cfg, box_giou_tasks=("trace", "refer")))[1]
   far_loss = float(losses.giou_loss(far, true))
   np.testing.assert_allclose(both["giou_loss"], (2.0 / 3.0 + 3 * far_loss) / 5, rtol=1e-5)
   one_point = Output(logits=out.logits, points=out.points[..., :1, :], hidden=out.hidden)
