@@ -1,6 +1,8 @@
 """tfds builders on tiny fixtures written in the official layouts (world configs)."""
+import concurrent.futures
 import io
 import json
+import multiprocessing
 import os
 import pickle
 
@@ -99,6 +101,31 @@ def test_prepare_is_idempotent(ln_builder):
   again = common.prepare("localized_narratives", "world", "/nonexistent/manual",
                          os.path.dirname(os.path.dirname(os.path.dirname(ln_builder.data_dir))))
   assert len(again.as_data_source("train")) == 3
+
+
+def _prepare_when_released(barrier, manual, data):
+  barrier.wait()  # every process past its imports: the prepares start together
+  return len(common.prepare("localized_narratives", "world", manual, data).as_data_source("train"))
+
+
+def test_concurrent_prepares_share_one_data_dir(tmp_path):
+  # Runs of a sweep started together on one fresh data dir: without the lock in `prepare`
+  # each built its own copy and all but the first failed renaming it into place.
+  manual = tmp_path / "manual"
+  (manual / "localized_narratives").mkdir(parents=True)
+  for split, image_ids in (("train", (1, 2, 3)), ("val", (4,)), ("test", (5,))):
+    for image_id in image_ids:
+      _png(f"{manual}/images/world_{split}_{image_id:06d}.png")
+    (manual / "localized_narratives" / f"world_{split}_localized_narratives.jsonl").write_text(
+        "".join(json.dumps(_narrative(i, 0)) + "\n" for i in image_ids))
+  context = multiprocessing.get_context("spawn")
+  barrier = context.Manager().Barrier(3)
+  with concurrent.futures.ProcessPoolExecutor(3, mp_context=context) as pool:
+    sizes = list(pool.map(_prepare_when_released, [barrier] * 3, [str(manual)] * 3,
+                          [str(tmp_path / "data")] * 3))
+  assert sizes == [3, 3, 3]
+  versions = os.listdir(tmp_path / "data" / "localized_narratives" / "world")
+  assert versions == ["1.0.0"]  # one finished copy, no incomplete.* left behind
 
 
 def test_ln_missing_files_listed_in_one_error(tmp_path):

@@ -293,3 +293,32 @@ def test_homogeneous_hosts_agree_on_the_task_of_every_step(tokenizer):
   (tasks_0, images_0), (tasks_1, images_1) = task_sequence(0), task_sequence(1)
   assert tasks_0 == tasks_1 and len(set(tasks_0)) == 3
   assert not set(np.concatenate(images_0).tolist()) & set(np.concatenate(images_1).tolist())
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_data_source_lets_process_0_prepare_first(monkeypatch, fails):
+  # Multi-host: the other processes wait at a barrier until process 0 has prepared
+  # (and reach the same error if it failed, rather than wait forever).
+  from pixelllm_jax.data import sources
+  for index in (0, 1):
+    calls = []
+
+    def prepare(*args):
+      calls.append("prepare")
+      if fails:
+        raise FileNotFoundError("MISSING annotations")
+      return type("Builder", (), {"as_data_source": lambda self, split: split})()
+
+    monkeypatch.setattr(sources.common, "prepare", prepare)
+    monkeypatch.setattr(sources.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(sources.jax, "process_index", lambda index=index: index)
+    monkeypatch.setattr(sources.multihost_utils, "sync_global_devices", calls.append)
+    monkeypatch.setattr(sources, "dataset_dirs",
+                        lambda: ("/manual", "/data", {"refer": "world"}))
+    if fails:
+      with pytest.raises(FileNotFoundError):
+        sources.data_source("refer", "train")
+    else:
+      assert sources.data_source("refer", "train") == "train"
+    barrier = "prepare refer/world in /data"
+    assert calls == ([barrier, "prepare"] if index else ["prepare", barrier])

@@ -9,6 +9,7 @@ import os
 
 import gin
 import jax
+from jax.experimental import multihost_utils
 
 from pixelllm_jax.batch import TASKS
 from pixelllm_jax.data import augment as augment_lib
@@ -48,10 +49,21 @@ def task_builders(overrides: tuple[tuple[str, str], ...] = ()) -> dict[str, str]
 
 
 def data_source(task: str, split: str):
-  """The random-access source of `task`'s builder for `split` (prepared on first use)."""
+  """The random-access source of `task`'s builder for `split` (prepared on first use).
+
+  Multi-host: process 0 prepares while the others wait at a barrier, then they
+  reuse its files (a shared `data_dir`) or prepare their own (a local one).
+  """
   manual_dir, data_dir, configs = dataset_dirs()
   builder_name = task_builders()[task]
-  builder = common.prepare(builder_name, configs[builder_name], manual_dir, data_dir)
+  barrier = f"prepare {builder_name}/{configs[builder_name]} in {data_dir}"
+  if jax.process_count() > 1 and jax.process_index() != 0:
+    multihost_utils.sync_global_devices(barrier)
+  try:
+    builder = common.prepare(builder_name, configs[builder_name], manual_dir, data_dir)
+  finally:  # on failure too, so the others go on to the same error rather than hang
+    if jax.process_count() > 1 and jax.process_index() == 0:
+      multihost_utils.sync_global_devices(barrier)
   return builder.as_data_source(split)
 
 

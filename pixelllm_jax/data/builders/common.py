@@ -9,9 +9,14 @@
   `metadata.json` (`builder.info.metadata['skipped'][split]`).
 - A missing annotation file raises one `FileNotFoundError` listing every
   expected file (`check_files_exist`).
-- `prepare` is what the training code calls.
+- `prepare` is what the training code calls. Processes that share a local
+  `data_dir` (runs of a sweep started together) take turns through a file
+  lock; the first prepares, the rest reuse its files. Multi-host runs order
+  the hosts in `sources.data_source` (process 0 first).
 """
 import collections
+import contextlib
+import fcntl
 import glob
 import importlib
 import io
@@ -205,6 +210,22 @@ def clean_text(value: Any, what: str) -> bytes:
     raise BadRecord(f"non-UTF-8 {what}", repr(value[:40])) from e
 
 
+@contextlib.contextmanager
+def _exclusive(data_dir: str, name: str):
+  """Holds an exclusive lock on `data_dir/.name.lock` (local paths; a no-op for URLs
+  such as gs://, where multi-host runs rely on the process order instead)."""
+  if "://" in data_dir:
+    yield
+    return
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f".{name}.lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepare(builder_name: str, config_name: str, manual_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """Builds `builder_name/config_name` into array_record files (once) and returns it.
 
@@ -215,9 +236,12 @@ def prepare(builder_name: str, config_name: str, manual_dir: str, data_dir: str)
     raise ValueError(f"unknown builder {builder_name!r}; known: {sorted(BUILDERS)}")
   module_name, class_name = BUILDERS[builder_name]
   builder_cls = getattr(importlib.import_module(module_name), class_name)
-  builder = builder_cls(config=config_name, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  with _exclusive(data_dir, f"{builder_name}-{config_name}"):
+    # Built inside the lock: a builder made before another process finished would not
+    # see the finished version and would prepare again.
+    builder = builder_cls(config=config_name, data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   skipped = {split: counts for split, counts in skipped_counts(builder).items() if counts}
   print(f"{builder_name}/{config_name} in {builder.data_dir}: "
         f"{'skipped ' + json.dumps(skipped) if skipped else 'nothing skipped'}")
