@@ -34,7 +34,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from pixelllm_jax.batch import COUNT_PREFIX, Batch, Output, TASKS
+from pixelllm_jax.batch import COUNT_PREFIX, TASK_ID, TASKS, Batch, Output
 
 
 @gin.configurable
@@ -124,7 +124,7 @@ def compute_losses(
     if output.points.shape[-2] != 2:
       raise ValueError("LossConfig.box_giou_weight needs 2 points per token (box corners), "
                        f"got {output.points.shape[-2]}")
-    in_tasks = jnp.isin(batch.task_ids, jnp.asarray([TASKS.index(t) for t in config.box_giou_tasks]))
+    in_tasks = jnp.isin(batch.task_ids, jnp.asarray([TASK_ID[t] for t in config.box_giou_tasks]))
     giou, giou_count = _task_mean(giou_loss(output.points, batch.point_targets),
                                   point_w * in_tasks[..., None], batch.task_ids,
                                   config.per_task_mean)

@@ -56,13 +56,15 @@ def data_source(task: str, split: str):
   """
   manual_dir, data_dir, configs = dataset_dirs()
   builder_name = task_builders()[task]
-  barrier = f"prepare {builder_name}/{configs[builder_name]} in {data_dir}"
-  if jax.process_count() > 1 and jax.process_index() != 0:
+  config_name = configs[builder_name]
+  barrier = f"prepare {builder_name}/{config_name} in {data_dir}"
+  multi_host, first = jax.process_count() > 1, jax.process_index() == 0
+  if multi_host and not first:
     multihost_utils.sync_global_devices(barrier)
   try:
-    builder = common.prepare(builder_name, configs[builder_name], manual_dir, data_dir)
+    builder = common.prepare(builder_name, config_name, manual_dir, data_dir)
   finally:  # on failure too, so the others go on to the same error rather than hang
-    if jax.process_count() > 1 and jax.process_index() == 0:
+    if multi_host and first:
       multihost_utils.sync_global_devices(barrier)
   return builder.as_data_source(split)
 
