@@ -44,7 +44,7 @@ setuptools.setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "pixelllm-train=pixelllm_jax.train.main:cli",
+            "pixelllm-train=pixelllm_jax.train.main:cli_main",
             "pixelllm-eval=pixelllm_jax.eval.__main__:run",
             "pixelllm-convert=pixelllm_jax.convert.__main__:cli",
         ]

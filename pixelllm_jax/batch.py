@@ -18,9 +18,10 @@ import numpy as np
 
 Array = jax.Array | np.ndarray
 
-TASKS = ("caption", "trace", "refer", "loca")
-TASK_ID = {name: i for i, name in enumerate(TASKS)}
-EMPTY_SLOT = -1
+# T5 token ids (the tokenizer checks a sentencepiece model agrees).
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+DECODER_START_ID = 0
+EMPTY_SLOT = -1  # task id of an unused caption slot
 # Loss metrics: `COUNT_PREFIX + name` holds how many tokens metric `name` averages
 # over in a step; the training loop's logging window weighs `name` by it, so a
 # step without such tokens (a batch of another task) does not dilute it.
@@ -39,7 +40,7 @@ class Batch:
   decoder_loss_weights: Array  # float32[B, N, L]: caption cross-entropy weights
   point_targets: Array         # float32[B, N, L, P, 2]
   point_weights: Array         # float32[B, N, L]
-  task_ids: Array              # int32[B, N]: index into TASKS, EMPTY_SLOT for padding
+  task_ids: Array              # int32[B, N]: index into tasks.TASKS, EMPTY_SLOT for padding
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -57,5 +58,6 @@ class Output:
 def shift_right(target_tokens: np.ndarray) -> np.ndarray:
   """t5x decoder inputs: targets shifted right by one, decoder start id 0 in front."""
   out = np.zeros_like(target_tokens)
+  out[..., 0] = DECODER_START_ID
   out[..., 1:] = target_tokens[..., :-1]
   return out

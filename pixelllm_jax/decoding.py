@@ -8,7 +8,7 @@ every row has emitted EOS. `greedy_decode_pixel_llm` adapts the PixelLLM compose
 Choices and their sources:
 - The encoder side is computed once by the caller (`PixelLLM.encode`) and each step runs the
   decoder on one token against the cache (flax wmt idiom). The official code instead re-ran the
-  whole model over all positions at every step (DESIGN.md section 1, decisions).
+  whole model over all positions at every step (docs/DESIGN.md, "Decisions").
 - Decoding starts from the T5 decoder start id 0; after a row emits EOS (id 1) the rest of the row
   is pad (0), so outputs match t5x-style targets: words, EOS, zeros.
 - Plain argmax. The official greedy decoder also clamps the logit of the previous token (a GRiT
@@ -21,9 +21,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-PAD_ID = 0
-EOS_ID = 1
-DECODER_START_ID = 0
+from pixelllm_jax.batch import DECODER_START_ID, EOS_ID, PAD_ID
+
 
 Cache = Any
 DecodeStep = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]

@@ -2,7 +2,7 @@
 
 Every parameter in the project is created through `param_init` (or the
 layers below, which use it), so it carries logical axis names; one rules table
-in `sharding.py` maps those names to mesh axes. Shapes use nanodo-style
+in `partitioning.py` (a rule set) maps those names to mesh axes. Shapes use nanodo-style
 suffixes in dense code: B batch, T/S sequence, H heads, D width.
 """
 from typing import Any, Callable, Sequence

@@ -14,11 +14,10 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 
-from pixelllm_jax import layers
+from pixelllm_jax import layers, tree_paths
 
 Array = jax.Array
 Dtype = Any
@@ -38,7 +37,6 @@ def _check_targets(field: str, targets: Sequence[str]) -> tuple[str, ...]:
   return targets
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """Which attention projections of a T5 get an adapter, and its size.
@@ -150,13 +148,6 @@ def merge_lora(params: Mapping[str, Any], *, scale: float = LoraConfig.scale) ->
   return merge(params)
 
 
-def _key_name(entry: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
 def is_lora_path(path: str | Sequence[Any]) -> bool:
   """True if a parameter path names an adapter leaf (lora_a / lora_b).
 
@@ -164,7 +155,7 @@ def is_lora_path(path: str | Sequence[Any]) -> bool:
   a tuple of names (as from `flax.traverse_util.flatten_dict`), or a jax key path
   (as `jax.tree_util.tree_map_with_path` gives, boxes included).
   """
-  parts = path.split("/") if isinstance(path, str) else [_key_name(p) for p in path]
+  parts = path.split("/") if isinstance(path, str) else tree_paths.path_of(path)
   return any(p in LORA_PARAM_NAMES for p in parts)
 
 

@@ -1,4 +1,4 @@
-"""Training losses (DESIGN.md section 2).
+"""Training losses (docs/DESIGN.md, "Tasks").
 
 - Caption cross entropy with GRiT-style label smoothing: target probability
   1 - eps on the true token and eps / (V - 1) on every other id, over tokens
@@ -19,7 +19,7 @@ homogeneous batches (`train_data.homogeneous`) both are the official per-task me
 
 Optional box term (`box_giou_weight`, default 0 = the official L1 only): with
 P = 2 points per token, the two points of each point-supervised token of the
-`box_giou_tasks` (default: every task with box targets, trace and referring) are a box
+`box_giou_tasks` (default: every task whose slots supervise points) are a box
 (min/max of the points, as at inference) and its target points the true box;
 the term is the mean generalized IoU loss (1 - GIoU, Rezatofighi et al. 2019,
 as DETR adds to its box L1). L1 alone pulls each corner by a constant step
@@ -30,14 +30,13 @@ metric, so logging windows over batches of different tasks average correctly.
 """
 import dataclasses
 
-import gin
 import jax
 import jax.numpy as jnp
 
-from pixelllm_jax.batch import COUNT_PREFIX, TASK_ID, TASKS, Batch, Output
+from pixelllm_jax import tasks
+from pixelllm_jax.batch import COUNT_PREFIX, Batch, Output
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   label_smoothing: float = 0.1
@@ -45,12 +44,17 @@ class LossConfig:
   text_loss_weight: float = 1.0
   per_task_mean: bool = True
   box_giou_weight: float = 0.0
-  box_giou_tasks: tuple[str, ...] = ("trace", "refer")
+  box_giou_tasks: tuple[str, ...] | None = None  # None: every task with `point_loss`
 
   def __post_init__(self):
-    unknown = set(self.box_giou_tasks) - set(TASKS)
-    if unknown:
-      raise ValueError(f"LossConfig.box_giou_tasks: unknown tasks {sorted(unknown)}; known: {TASKS}")
+    if self.box_giou_tasks is None:
+      object.__setattr__(self, "box_giou_tasks", POINT_TASKS)
+    object.__setattr__(self, "box_giou_tasks", tuple(self.box_giou_tasks))
+    tasks.check_names(self.box_giou_tasks, "LossConfig.box_giou_tasks")
+
+
+# Tasks whose slots supervise the localization head.
+POINT_TASKS = tuple(name for name in tasks.TASKS if tasks.get(name).point_loss)
 
 
 def smoothed_cross_entropy(
@@ -95,7 +99,7 @@ def _task_mean(values_BxNxL: jax.Array, weights_BxNxL: jax.Array, task_ids_BxN: 
   if not per_task:
     return _weighted_mean(values_BxNxL, weights_BxNxL)
   means, present = [], []
-  for i in range(len(TASKS)):
+  for i in range(len(tasks.TASKS)):
     w = weights_BxNxL * (task_ids_BxN == i)[..., None]
     mean, count = _weighted_mean(values_BxNxL, w)
     means.append(mean)
@@ -105,7 +109,6 @@ def _task_mean(values_BxNxL: jax.Array, weights_BxNxL: jax.Array, task_ids_BxN: 
   return total, jnp.sum(weights_BxNxL)
 
 
-@gin.configurable
 def compute_losses(
     output: Output, batch: Batch, config: LossConfig = LossConfig()
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -124,7 +127,8 @@ def compute_losses(
     if output.points.shape[-2] != 2:
       raise ValueError("LossConfig.box_giou_weight needs 2 points per token (box corners), "
                        f"got {output.points.shape[-2]}")
-    in_tasks = jnp.isin(batch.task_ids, jnp.asarray([TASK_ID[t] for t in config.box_giou_tasks]))
+    in_tasks = jnp.isin(batch.task_ids,
+                        jnp.asarray([tasks.TASK_ID[t] for t in config.box_giou_tasks]))
     giou, giou_count = _task_mean(giou_loss(output.points, batch.point_targets),
                                   point_w * in_tasks[..., None], batch.task_ids,
                                   config.per_task_mean)
@@ -141,10 +145,10 @@ def compute_losses(
       COUNT_PREFIX + "point_loss": point_count,
       **box_metrics,
   }
-  for i, name in enumerate(TASKS):
+  for i, name in enumerate(tasks.TASKS):
     in_task = (batch.task_ids == i)[..., None]
     metrics[f"slots/{name}"] = jnp.sum(batch.task_ids == i).astype(jnp.float32)
-    if name in ("trace", "refer"):
+    if name in POINT_TASKS:
       metrics[f"point_l1/{name}"], metrics[f"{COUNT_PREFIX}point_l1/{name}"] = _weighted_mean(
           l1, point_w * in_task)
   return total, metrics

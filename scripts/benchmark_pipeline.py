@@ -16,7 +16,7 @@ What it does (and so what the numbers mean):
    JPEG bytes, so every read decodes a JPEG (and, for refer, one PNG mask per
    object, as RefCOCO does).
 3. Training: the gin-like mixture trace 2 : caption 0.5 : refer 2 : loca 1 with
-   the official per-dataset augmentation (augment.OFFICIAL) on a --canvas px
+   the official per-dataset augmentation (each Task.official_augment) on a --canvas px
    canvas, tokenized with the world's sentencepiece model (T5 ids), batched.
    Each source is also timed alone. Evaluation: `pipeline.eval_batches` over
    the val splits (long side = canvas, padded).
@@ -37,9 +37,10 @@ from absl import flags
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from pixelllm_jax import tasks
 from pixelllm_jax.data import augment, pipeline
 from pixelllm_jax.data.builders import common
-from pixelllm_jax.data.tasks import TaskConfig
+from pixelllm_jax.tasks import TaskConfig
 from pixelllm_jax.data.tokenizer import Tokenizer
 from pixelllm_jax.data.world import generate, scene
 
@@ -178,7 +179,7 @@ def main():
 
     def train(mixture):
       ds = pipeline.make_train_dataset(
-          [pipeline.TaskSource(t, sources[t]["train"], w, augment.OFFICIAL[t]) for t, w in mixture],
+          [pipeline.TaskSource(t, sources[t]["train"], w, tasks.get(t).official_augment) for t, w in mixture],
           tokenizer, config, batch_size=args.batch_size, num_slots=args.num_slots,
           num_prompts=args.num_slots, seed=0, canvas_size=args.canvas,
           worker_count=args.worker_count)
@@ -190,7 +191,7 @@ def main():
     print("training (decode + augment + tokenize + batch):")
     _report("mixture " + " ".join(f"{t}:{w}" for t, w in MIXTURE), *train(MIXTURE), cores)
     for task, _ in MIXTURE:
-      _report(f"  {task} alone ({_short(augment.OFFICIAL[task])})", *train([(task, 1.0)]), cores)
+      _report(f"  {task} alone ({_short(tasks.get(task).official_augment)})", *train([(task, 1.0)]), cores)
     print("reads alone (tfds data_source[i]: record decode incl. JPEG, one thread):")
     for task in ("trace", "refer", "loca"):
       data, n = sources[task]["train"], min(len(sources[task]["train"]), 100)

@@ -2,12 +2,12 @@
 import flax.linen as nn
 import jax
 
-from pixelllm_jax import sharding
+from pixelllm_jax import partitioning
 
 
 def assert_known_axis_names(boxed_params) -> list[tuple[str, nn.LogicallyPartitioned]]:
   """Asserts every leaf of a boxed params tree is nn.LogicallyPartitioned with one name
-  per dimension, no name twice, each in sharding.KNOWN_AXES; lists every offender by path.
+  per dimension, no name twice, each in partitioning.KNOWN_AXES; lists every offender by path.
 
   Returns the (path, leaf) pairs, so callers can check what the walk covered.
   """
@@ -25,7 +25,7 @@ def assert_known_axis_names(boxed_params) -> list[tuple[str, nn.LogicallyPartiti
       problems.append(f"{path}: names {names} for shape {leaf.value.shape}")
     if len(set(names)) != len(names):
       problems.append(f"{path}: a name repeats in {names}")
-    bad = [n for n in names if n not in sharding.KNOWN_AXES]
+    bad = [n for n in names if n not in partitioning.KNOWN_AXES]
     if bad:
       problems.append(f"{path}: unknown or missing axis names {bad} in {names}")
     named.append((path, leaf))

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixelllm_jax.batch import Batch, TASKS, shift_right
+from pixelllm_jax.batch import Batch, shift_right
+from pixelllm_jax.tasks import TASKS
 from pixelllm_jax.lora import LoraConfig
 from pixelllm_jax.models.eva02 import EVA02Config
-from pixelllm_jax.models.loc_head import LocHeadConfig
+from pixelllm_jax.models.heads.localization import LocHeadConfig
 from pixelllm_jax.models.pixel_llm import PixelLLMConfig
 from pixelllm_jax.models.prompt_encoder import PromptEncoderConfig
 from pixelllm_jax.models.prompt_extractor import PromptExtractorConfig
@@ -29,7 +30,8 @@ EOS_ID = 1
 
 
 def toy_config(*, lora_rank: int = 0, loc_grad_to_lm: bool = True, eva02: bool = True,
-               sam: bool = True, dropout_rate: float = 0.0, sam_frozen: bool = True,
+               sam: bool = True, dropout_rate: float = 0.0,
+               frozen: tuple[str, ...] = ("sam",),
                points_per_token: int = POINTS) -> PixelLLMConfig:
   """A PixelLLMConfig with every tower at toy size (about 60 k parameters)."""
   t5 = T5Config(
@@ -41,16 +43,17 @@ def toy_config(*, lora_rank: int = 0, loc_grad_to_lm: bool = True, eva02: bool =
                       decoder_cross=("q", "v")))
   return PixelLLMConfig(
       t5=t5,
-      prompt_encoder=PromptEncoderConfig(embed_dim=16, input_image_size=(IMAGE_SIZE, IMAGE_SIZE)),
+      prompt_encoder=PromptEncoderConfig(embed_dim=16),
       extractor=PromptExtractorConfig(depth=1, width=WIDTH, num_heads=2, mlp_dim=32,
                                       num_queries=NUM_QUERIES, output_dim=WIDTH),
       loc_head=LocHeadConfig(hidden_dim=32, depth=2, points_per_token=points_per_token),
-      eva02=EVA02Config(image_size=IMAGE_SIZE, patch_size=8, width=WIDTH, depth=1, num_heads=2,
+      eva02=EVA02Config(patch_size=8, width=WIDTH, depth=1, num_heads=2,
                         mlp_dim=48, pretrain_grid=4) if eva02 else None,
-      sam=SamViTConfig(image_size=IMAGE_SIZE, patch_size=16, width=WIDTH, depth=2, num_heads=2,
+      sam=SamViTConfig(patch_size=16, width=WIDTH, depth=2, num_heads=2,
                        mlp_dim=32, window_size=2, global_blocks=(1,), out_channels=16,
                        pretrain_grid=2) if sam else None,
-      sam_frozen=sam_frozen,
+      image_size=IMAGE_SIZE,
+      frozen=frozen,
       loc_grad_to_lm=loc_grad_to_lm,
   )
 
@@ -97,3 +100,17 @@ def random_batch(seed: int, *, b: int = 2, k: int = 2, n: int = 3, l: int = 6, l
 
 def as_jnp(batch: Batch) -> Batch:
   return jax.tree.map(jnp.asarray, batch)
+
+
+def inputs(batch: Batch) -> dict:
+  """The composer's keyword arguments from a Batch (`PixelLLM.__call__` / `encode`)."""
+  names = ("image", "image_valid_hw", "prompt_boxes", "prompt_index", "context_tokens",
+           "decoder_input_tokens")
+  return {name: getattr(batch, name) for name in names}
+
+
+def encode_inputs(batch: Batch) -> dict:
+  """`PixelLLM.encode`'s keyword arguments from a Batch."""
+  out = inputs(batch)
+  del out["decoder_input_tokens"]
+  return out

@@ -3,8 +3,9 @@ contexts, targets and localization in step."""
 import numpy as np
 import pytest
 
-from pixelllm_jax.batch import TASK_ID
-from pixelllm_jax.data import augment, pipeline, tasks
+from pixelllm_jax import tasks
+from pixelllm_jax.tasks import TASK_ID
+from pixelllm_jax.data import augment, pipeline
 
 EOS = 1
 CONFIG = tasks.TaskConfig(max_target_len=8, max_context_len=8, points_per_token=2)
@@ -74,9 +75,9 @@ def test_crop_drops_an_object_with_its_expressions_and_keeps_the_rest_in_step():
   # Resize 96x128 -> 96x128 (no scaling), window: top 0, left 0, 64 x 64 = x in [0, 0.5], y in
   # [0, 2/3]: red fully inside, blue (x >= 0.6) cut away, green x 0.4..0.5 of 0.4..0.7 (1/3 kept).
   params = augment.Params((96, 128), (0, 0, 64, 64), False)
-  out, valid_hw = augment.apply_params(record, "refer", params, canvas=64, min_visible_fraction=0.25)
+  out, valid_hw = augment.apply_params(record, tasks.get("refer"), params, canvas=64, min_visible_fraction=0.25)
   np.testing.assert_array_equal(valid_hw, [1, 1])
-  slots = tasks.refer_slots(out, TOK, CONFIG)
+  slots = tasks.refer.make_slots(out, TOK, CONFIG)
   assert [s.meta["expression"] for s in slots] == ["the left red square", "green square on the right"]
   assert [s.meta["object_id"] for s in slots] == [10, 12]
   np.testing.assert_allclose(slots[0].meta["box"], [0.1, 0.15, 0.6, 0.675], atol=1e-6)
@@ -90,15 +91,15 @@ def test_crop_drops_an_object_with_its_expressions_and_keeps_the_rest_in_step():
   np.testing.assert_array_equal([xs.min(), xs.max() + 1, ys.min(), ys.max() + 1],
                                 [51, 64, 10, 34])
   # A stricter threshold drops green too, with its expression.
-  out, _ = augment.apply_params(record, "refer", params, canvas=64, min_visible_fraction=0.5)
+  out, _ = augment.apply_params(record, tasks.get("refer"), params, canvas=64, min_visible_fraction=0.5)
   assert [e.decode() for e in out["expressions"]["text"]] == ["the left red square"]
 
 
 def test_flip_mirrors_boxes_and_swaps_left_right_in_context_and_target():
   record = refer_record()
   params = augment.Params((96, 128), (0, 0, 96, 128), True)
-  out, _ = augment.apply_params(record, "refer", params, canvas=128)
-  slots = tasks.refer_slots(out, TOK, CONFIG)
+  out, _ = augment.apply_params(record, tasks.get("refer"), params, canvas=128)
+  slots = tasks.refer.make_slots(out, TOK, CONFIG)
   assert TOK.decode(slots[0].target) == "the right red square"
   assert TOK.decode(slots[0].context) == "where is the right red square"
   assert TOK.decode(slots[3].context) == "where is green square on the left"
@@ -109,7 +110,7 @@ def test_flip_mirrors_boxes_and_swaps_left_right_in_context_and_target():
   loca = {"image": record["image"], "image_id": 1,
           "regions": {"id": [1], "box": [np.array([0.1, 0.2, 0.3, 0.4], np.float32)],
                       "phrase": [b"leftmost circle"]}}
-  out, _ = augment.apply_params(loca, "loca", params, canvas=128)
+  out, _ = augment.apply_params(loca, tasks.get("loca"), params, canvas=128)
   np.testing.assert_allclose(out["regions"]["box"][0], [0.7, 0.2, 0.9, 0.4], atol=1e-6)
   assert out["regions"]["phrase"] == [b"rightmost circle"]
 
@@ -120,9 +121,9 @@ def test_trace_targets_survive_crop_and_flip(points_per_token):
   record = ln_record()
   # Window = top-left 20x20 of 40x40 (x, y in [0, 0.5]), flipped: utterances 3, 4 fall outside.
   params = augment.Params((40, 40), (0, 0, 20, 20), True)
-  out, _ = augment.apply_params(record, "trace", params, canvas=20)
-  [slot] = tasks.trace_slots(out, TOK, config)
-  [plain] = tasks.trace_slots(record, TOK, config)
+  out, _ = augment.apply_params(record, tasks.get("trace"), params, canvas=20)
+  [slot] = tasks.trace.make_slots(out, TOK, config)
+  [plain] = tasks.trace.make_slots(record, TOK, config)
   assert TOK.decode(slot.target) == "red circle right blue square"
   np.testing.assert_array_equal(slot.meta["utterance_of_token"], plain.meta["utterance_of_token"])
   np.testing.assert_array_equal(slot.point_weights[1:6], [1, 1, 1, 0, 0])
@@ -143,7 +144,7 @@ def test_canvas_pads_and_keeps_normalized_coordinates():
   np.testing.assert_allclose(batch["image_valid_hw"], [[48 / 64, 1.0], [1.0, 0.5]])
   assert not batch["image"][0, 48:].any() and not batch["image"][1, :, 32:].any()
   for record, row in zip(records, range(2)):
-    plain = pipeline.pack_example(record["image"], tasks.refer_slots(record, TOK, CONFIG),
+    plain = pipeline.pack_example(record["image"], tasks.refer.make_slots(record, TOK, CONFIG),
                                   num_prompts=1, num_slots=4, config=CONFIG)
     np.testing.assert_array_equal(batch["point_targets"][row], plain["point_targets"])
   # Train without augmentation: images only shrink (60x30 stays), coordinates untouched.
@@ -154,7 +155,7 @@ def test_canvas_pads_and_keeps_normalized_coordinates():
     valid = batch["image_valid_hw"][row]
     assert tuple(valid) in {(48 / 64, 1.0), (60 / 64, 30 / 64)}
     record = records[0] if valid[1] == 1.0 else records[1]
-    slots = {s.meta["sent_id"]: s for s in tasks.refer_slots(record, TOK, CONFIG)}
+    slots = {s.meta["sent_id"]: s for s in tasks.refer.make_slots(record, TOK, CONFIG)}
     boxes = {tuple(s.point_targets[len(s.target) - 1].ravel()) for s in slots.values()}
     refer = batch["task_ids"][row] == TASK_ID["refer"]
     eos = batch["decoder_target_tokens"][row] == EOS
@@ -190,9 +191,9 @@ def _train(seed=0, **kw):
            "regions": {"id": [0, 1], "box": list(np.asarray(refer_record()["objects"]["box"])[:2]),
                        "phrase": [b"left red square", b"blue square"]}} for i in range(3)]
   trace = [{**ln_record((96, 128)), "image": refer_record(20)["image"]}]
-  sources = [pipeline.TaskSource("refer", refer, 1.0, augment.OFFICIAL["refer"]),
-             pipeline.TaskSource("loca", loca, 1.0, augment.OFFICIAL["loca"]),
-             ("trace", trace, 1.0, augment.OFFICIAL["trace"])]
+  sources = [pipeline.TaskSource("refer", refer, 1.0, tasks.get("refer").official_augment),
+             pipeline.TaskSource("loca", loca, 1.0, tasks.get("loca").official_augment),
+             ("trace", trace, 1.0, tasks.get("trace").official_augment)]
   return pipeline.make_train_dataset(sources, TOK, CONFIG, batch_size=3, num_slots=3,
                                      num_prompts=3, seed=seed, canvas_size=64, **kw)
 

@@ -35,22 +35,21 @@ IMAGE = 64
 # The toy model: every tower at a few thousand parameters, LoRA rank 4 on q, v. Its own file so
 # that changes to the shipped tiny.gin do not move the sources built below.
 TOY_GIN = f"""
-import pixelllm_jax.models.pixel_llm
-PixelLLM.config = @PixelLLMConfig()
+import pixelllm_jax.configurables
+PixelLLMModel.config = @PixelLLMConfig()
+PixelLLMConfig.image_size = {IMAGE}
 PixelLLMConfig.eva02 = @EVA02Config()
 PixelLLMConfig.sam = @SamViTConfig()
 PixelLLMConfig.prompt_encoder = @PromptEncoderConfig()
 PixelLLMConfig.extractor = @PromptExtractorConfig()
 PixelLLMConfig.t5 = @T5Config()
 PixelLLMConfig.loc_head = @LocHeadConfig()
-EVA02Config.image_size = {IMAGE}
 EVA02Config.patch_size = 8
 EVA02Config.width = 64
 EVA02Config.depth = 2
 EVA02Config.num_heads = 4
 EVA02Config.mlp_dim = 170
 EVA02Config.pretrain_grid = 4
-SamViTConfig.image_size = {IMAGE}
 SamViTConfig.patch_size = 8
 SamViTConfig.width = 32
 SamViTConfig.depth = 2
@@ -61,7 +60,6 @@ SamViTConfig.global_blocks = (1,)
 SamViTConfig.out_channels = 32
 SamViTConfig.pretrain_grid = 8
 PromptEncoderConfig.embed_dim = 32
-PromptEncoderConfig.input_image_size = ({IMAGE}, {IMAGE})
 PromptExtractorConfig.depth = 1
 PromptExtractorConfig.width = 32
 PromptExtractorConfig.num_heads = 2
@@ -195,7 +193,7 @@ def test_train_loads_it_and_the_forward_pass_runs(converted, sources):
   np.testing.assert_array_equal(ours["t5/token_embedder/embedding"],
                                 hf.shared.weight.detach().numpy())
 
-  out_ = jax.jit(model.apply)({"params": loaded}, batch)
+  out_ = jax.jit(model.apply)(loaded, batch)
   assert out_.logits.shape == (1, 2, 6, 256) and out_.points.shape == (1, 2, 6, 2, 2)
   assert np.all(np.isfinite(np.asarray(out_.logits)))
   assert np.all(np.isfinite(np.asarray(out_.points)))

@@ -12,18 +12,15 @@ import gin
 import numpy as np
 import pytest
 
-from pixelllm_jax.data import sources
+from pixelllm_jax import cli, configurables
 from pixelllm_jax.data.world import generate
-from pixelllm_jax.eval import evaluator
 from pixelllm_jax.metrics import refer as refer_metrics
-from pixelllm_jax.train import main as train_main
-from pixelllm_jax.train import trainer
 
 STEPS = int(os.environ.get("PIXELLLM_E2E_STEPS", "1500"))
 
 
-def _refer_boxes(split):
-  source = sources.data_source("refer", split)
+def _refer_boxes(data, split):
+  source = data.data_source("refer", split)
   boxes = []
   for i in range(len(source)):
     record = source[i]
@@ -38,7 +35,7 @@ def test_short_run_localizes_referring_expressions_above_chance(tmp_path):
   world, model_dir = str(tmp_path / "world"), str(tmp_path / "run")
   generate.generate_world(world, num_train=1500, num_val=10, num_test=40, seed=3)
   gin.clear_config()
-  train_main.parse_gin(["runs/demo.gin"], [
+  cli.parse_gin(["runs/demo.gin"], [
       f"MODEL_DIR = '{model_dir}'", f"WORLD_DIR = '{world}'", f"TRAIN_STEPS = {STEPS}",
       "make_optimizer.warmup_steps = 50", "train.log_every = 100",
       "train.checkpoint_every = 100000",
@@ -48,10 +45,11 @@ def test_short_run_localizes_referring_expressions_above_chance(tmp_path):
       "LossConfig.point_loss_weight = 38.4",
       "evaluate.tasks = ('refer',)", "evaluate.num_visualizations = 2"])
   try:
-    result = trainer.train()
-    metrics = evaluator.evaluate()
-    test_boxes = _refer_boxes("test")
-    constant = np.broadcast_to(_refer_boxes("train").mean(0), test_boxes.shape)
+    result = configurables.train()
+    metrics = configurables.evaluate()
+    data = configurables.REGISTERED["DataConfig"][1]()
+    test_boxes = _refer_boxes(data, "test")
+    constant = np.broadcast_to(_refer_boxes(data, "train").mean(0), test_boxes.shape)
     chance = refer_metrics.refer_precision(constant, test_boxes)
   finally:
     gin.clear_config()

@@ -113,11 +113,12 @@ def test_rope_logits_depend_only_on_relative_position(ref_hw):
   assert np.ptp([v[0] for v in by_offset.values()]) > 0.1  # but they do depend on it
 
 
-def test_remat_gives_the_same_output(model_and_params):
+@pytest.mark.parametrize("mode", ["block", "dots_with_no_batch_dims_saveable"])
+def test_remat_gives_the_same_output(model_and_params, mode):
   _, _, params = model_and_params
   image = _image(jax.random.PRNGKey(7), 32, 32)
   plain = _apply(eva02.EVA02ViT(CFG), params, image)
-  remat = eva02.EVA02ViT(eva02.EVA02Config(**{**CFG.__dict__, "remat": True}))
+  remat = eva02.EVA02ViT(eva02.EVA02Config(**{**CFG.__dict__, "remat": mode}))
   np.testing.assert_allclose(_apply(remat, params, image), plain, atol=1e-6)
 
 

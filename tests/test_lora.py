@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixelllm_jax import lora, sharding
+from pixelllm_jax import lora, partitioning
 
 AXES = ("embed", "joined_kv")
 
@@ -111,4 +111,4 @@ def test_is_lora_path_and_mask_on_every_path_form():
 
 
 def test_lora_axis_names_are_known():
-  assert "lora_rank" in sharding.KNOWN_AXES
+  assert "lora_rank" in partitioning.KNOWN_AXES

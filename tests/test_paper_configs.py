@@ -3,14 +3,14 @@
 Each model gin (gin_configs/models/pixelllm_t5_{xl,base}.gin) is parsed and the composer is
 initialized abstractly (`jax.eval_shape` of `model.init` on a ShapeDtypeStruct batch at 384 px,
 B=1, K=1, N=1, L=8, Lc=8: nothing is allocated). Parameters are counted per tower (the composer's
-top-level submodules), LoRA (leaves named lora_a / lora_b) apart, and under the 'paper_lora'
-Trainable preset. Published sizes (reference/official-pixelllm.md section 1.10, DESIGN.md
-section 1) are checked at the stated tolerances, and each tower's exact count against its
-closed-form arithmetic, so a drift of even one layer norm shows.
+top-level submodules), LoRA (leaves named lora_a / lora_b) apart, and those the model trains
+(`PixelLLMConfig.frozen`: SAM, the prompt encoder and the T5 base frozen). Published sizes
+(docs/DESIGN.md, "The model") are checked at the stated tolerances, and each tower's exact count
+against its closed-form arithmetic, so a drift of even one layer norm shows.
 
 Measured (T5-XL config): EVA02-L 303,268,800; SAM ViT-H encoder 637,026,048; prompt encoder 1,792;
 extractor 43,505,408; visual_proj 2,103,296; Flan-T5-XL 2,849,757,184 + LoRA 18,874,368; loc head
-1,580,548; total 3,856,117,444; trainable ('paper_lora') 369,332,420.
+1,580,548; total 3,856,117,444; trainable 369,332,420.
 
 Known, deliberate differences from the official breakdown (not tolerance slack):
 - extractor 43.51 M vs 44.0 M: the official prompt adapter also holds the dense branch's
@@ -18,8 +18,8 @@ Known, deliberate differences from the official breakdown (not tolerance slack):
   (`prompt_fuse_fn='sparse'`); prompt_extractor.py drops it. With it the count is 44.03 M.
 - prompt encoder 1,792 vs ~6 K: SAM's mask-prompt convs (`mask_downscaling`, 4,684 params) are
   not implemented (PixelLLM never feeds mask prompts).
-- SAM ViT-H: 637.0 M is the encoder with its 64 x 64 pos-embed and rel-pos tables (the figure
-  section 1.10 derives); the "632 M" often quoted leaves part of that out.
+- SAM ViT-H: 637.0 M is the encoder with its 64 x 64 pos-embed and rel-pos tables; the "632 M"
+  often quoted leaves part of that out.
 """
 import copy
 
@@ -28,11 +28,11 @@ import jax
 import numpy as np
 import pytest
 
+from pixelllm_jax import cli, configurables
 from pixelllm_jax.convert import assemble
 from pixelllm_jax.data.tokenizer import Tokenizer
-from pixelllm_jax.models.pixel_llm import PixelLLM
-from pixelllm_jax.train import optim
-from pixelllm_jax.train.main import DEFAULT_GIN_SEARCH_PATH
+from pixelllm_jax.lora import LORA_PARAM_NAMES
+from pixelllm_jax.tree_paths import path_of
 
 TOWERS = ("eva02", "sam", "prompt_encoder", "extractor", "visual_proj", "t5", "loc_head")
 
@@ -43,24 +43,23 @@ def _n(tree) -> int:
 
 def _parse(files, bindings=()):
   gin.clear_config()
-  gin.add_config_file_search_path(DEFAULT_GIN_SEARCH_PATH)
+  gin.add_config_file_search_path(cli.DEFAULT_GIN_SEARCH_PATH)
   gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
 
 
 def _counts(gin_file: str) -> dict:
   _parse([gin_file])
   try:
-    model = PixelLLM()
+    model = configurables.REGISTERED["PixelLLMModel"][1]()
     params = assemble.abstract_params(model)  # eval_shape at B=1, K=1, N=1, L=8, Lc=8
   finally:
     gin.clear_config()
-  leaves = [(optim.path_of(kp), x) for kp, x in jax.tree_util.tree_leaves_with_path(params)]
-  lora = [x for p, x in leaves if p[-1] in optim.LORA_NAMES]
-  paper_lora = optim.trainable_predicate("paper_lora")
+  leaves = [(path_of(kp), x) for kp, x in jax.tree_util.tree_leaves_with_path(params)]
+  lora = [x for p, x in leaves if p[-1] in LORA_PARAM_NAMES]
   counts = {name: _n(params[name]) for name in params}
   counts.update(
       lora=_n(lora), t5_base=counts["t5"] - _n(lora), total=_n(params),
-      trainable=_n([x for p, x in leaves if paper_lora(p)]), config=model.config)
+      trainable=_n([x for p, x in leaves if model.trainable(p)]), config=model.config)
   return counts
 
 
@@ -161,7 +160,7 @@ def test_trainable_under_paper_lora(xl):
 
 
 def test_total(xl):
-  assert _within(xl["total"], 3.86e9, 0.01)  # "about 3.9 B" (DESIGN.md); 3.86 B in section 1.10
+  assert _within(xl["total"], 3.86e9, 0.01)  # "about 3.9 B" (docs/DESIGN.md); 3.86 B counted
 
 
 def test_paper_layout(xl):
@@ -175,8 +174,8 @@ def test_paper_layout(xl):
   assert cfg.prompt_encoder.input_image_size == (384, 384)
   assert cfg.sam.global_blocks == (7, 15, 23, 31) and cfg.sam.window_size == 14
   assert cfg.loc_head.points_per_token == 2 and cfg.loc_head.hidden_dim == 512
-  assert cfg.eva02.remat and cfg.sam.remat and cfg.t5.remat
-  assert cfg.sam_frozen
+  assert cfg.eva02.remat == cfg.sam.remat == cfg.t5.remat == "block"
+  assert cfg.frozen == ("sam", "prompt_encoder", "t5")
 
 
 # ---- T5-base variant ---------------------------------------------------------------------------
@@ -201,13 +200,13 @@ def test_refcoco_run_config(xl):
     assert q("train_data.batch_size") == 64 and q("train.num_steps") == 120_000
     assert q("make_optimizer.learning_rate") == 5e-5 and q("make_optimizer.warmup_steps") == 1000
     assert q("make_optimizer.total_steps") == 120_000
-    assert q("make_optimizer.trainable") == optim.trainable_predicate("paper_lora")
     assert gin.query_parameter("train.init_checkpoint").scoped_selector == (
         "INIT_CHECKPOINT/gin.macro")
-    assert dict(q("dataset_dirs.builder_configs")) == {"refer": "refcoco_unc"}
+    assert dict(q("DataConfig.builder_configs")) == {"refer": "refcoco_unc"}
     assert q("train_data.mixture") == (("refer", 1.0),)
-    assert q("tokenizer.extra_ids") == 100
-    assert tuple(q("make_mesh.mesh_shape")) == (-1, 1)
+    assert q("DataConfig.extra_ids") == 100
+    assert q("train_data.canvas_size") == q("evaluate.canvas_size") == 384
+    assert tuple(q("Partitioner.mesh_shape")) == (-1, 1, 1)
   finally:
     gin.clear_config()
 

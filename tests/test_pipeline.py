@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from pixelllm_jax.batch import EMPTY_SLOT, TASK_ID, shift_right
-from pixelllm_jax.data import pipeline, tasks
+from pixelllm_jax.batch import EMPTY_SLOT, shift_right
+from pixelllm_jax.tasks import TASK_ID
+from pixelllm_jax import tasks
+from pixelllm_jax.data import pipeline
 
 EOS = 1
 CONFIG = tasks.TaskConfig(max_target_len=8, max_context_len=8, points_per_token=2)
@@ -72,7 +74,7 @@ def ln_record(image_id):
 
 
 def test_pack_example_shapes_dtypes_and_prompt_dedup(tokenizer):
-  slots = tasks.refer_slots(refer_record(1, 3), tokenizer, CONFIG)
+  slots = tasks.refer.make_slots(refer_record(1, 3), tokenizer, CONFIG)
   ex = pipeline.pack_example(np.zeros((16, 16, 3), np.uint8), slots, num_prompts=2, num_slots=4,
                              config=CONFIG)
   want = {"image": ((16, 16, 3), np.uint8), "image_valid_hw": ((2,), np.float32),
@@ -97,7 +99,7 @@ def test_pack_example_shapes_dtypes_and_prompt_dedup(tokenizer):
 
 def test_pack_example_gives_loca_regions_one_prompt_each(tokenizer):
   record = loca_record(2, 3)
-  slots = tasks.loca_slots(record, tokenizer, CONFIG)
+  slots = tasks.loca.make_slots(record, tokenizer, CONFIG)
   ex = pipeline.pack_example(record["image"], slots, num_prompts=4, num_slots=3, config=CONFIG)
   np.testing.assert_array_equal(ex["prompt_index"], [0, 1, 2])
   np.testing.assert_array_equal(ex["prompt_boxes"][:3], record["regions"]["box"])
@@ -280,9 +282,13 @@ def test_own_shapes_need_homogeneous_batches(tokenizer):
 
 def test_train_data_refuses_shapes_of_unknown_tasks():
   from pixelllm_jax.data import sources
-  with pytest.raises(ValueError, match=r"unknown tasks \['refr'\]"):
-    sources.train_data(mixture=(("refer", 1.0),), batch_size=4, num_slots=1, num_prompts=1,
+  with pytest.raises(ValueError, match=r"task_shapes: unknown tasks \['refr'\]"):
+    sources.train_data(data=sources.DataConfig("/nowhere"), task_config=CONFIG,
+                       mixture=(("refer", 1.0),), batch_size=4, num_slots=1, num_prompts=1,
                        homogeneous=True, task_shapes=(("refr", 1, 1, 4, 4),))
+  with pytest.raises(ValueError, match=r"mixture: unknown tasks \['refr'\]"):
+    sources.train_data(data=sources.DataConfig("/nowhere"), task_config=CONFIG,
+                       mixture=(("refr", 1.0),), batch_size=4, num_slots=1, num_prompts=1)
 
 
 def test_homogeneous_hosts_agree_on_the_task_of_every_step(tokenizer):
@@ -313,12 +319,11 @@ def test_data_source_lets_process_0_prepare_first(monkeypatch, fails):
     monkeypatch.setattr(sources.jax, "process_count", lambda: 2)
     monkeypatch.setattr(sources.jax, "process_index", lambda index=index: index)
     monkeypatch.setattr(sources.multihost_utils, "sync_global_devices", calls.append)
-    monkeypatch.setattr(sources, "dataset_dirs",
-                        lambda: ("/manual", "/data", {"refer": "world"}))
+    data = sources.DataConfig("/manual", "/data", builder_configs=(("refer", "world"),))
     if fails:
       with pytest.raises(FileNotFoundError):
-        sources.data_source("refer", "train")
+        data.data_source("refer", "train")
     else:
-      assert sources.data_source("refer", "train") == "train"
+      assert data.data_source("refer", "train") == "train"
     barrier = "prepare refer/world in /data"
     assert calls == ([barrier, "prepare"] if index else ["prepare", barrier])

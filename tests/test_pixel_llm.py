@@ -20,7 +20,8 @@ from flax import traverse_util
 
 import model_fixtures as mf
 from pixelllm_jax import decoding, losses
-from pixelllm_jax.batch import TASKS, Batch, Output
+from pixelllm_jax.batch import Batch, Output
+from pixelllm_jax.tasks import TASKS
 from pixelllm_jax.lora import LORA_PARAM_NAMES
 from pixelllm_jax.models.pixel_llm import Encoded, PixelLLM
 from axis_names import assert_known_axis_names
@@ -41,7 +42,8 @@ def batch():
 
 @pytest.fixture(scope="module")
 def boxed_params(model, batch):
-  return jax.jit(model.init)({"params": jax.random.key(0)}, batch)["params"]
+  return jax.jit(lambda b: model.init({"params": jax.random.key(0)}, **mf.inputs(b)))(batch)[
+      "params"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def variables(boxed_params):
 @pytest.fixture(scope="module")
 def forward(model, variables):
   """Jitted teacher-forced forward of the LoRA model on its init params: Batch -> Output."""
-  fn = jax.jit(lambda v, b: model.apply(v, b))
+  fn = jax.jit(lambda v, b: model.apply(v, **mf.inputs(b)))
   return lambda b: fn(variables, b)
 
 
@@ -79,7 +81,8 @@ def test_call_encode_decode_shapes_and_dtypes(model, variables, batch, base_out)
   assert base_out.hidden.shape == (B, N, L, mf.WIDTH) and base_out.hidden.dtype == jnp.float32
   assert np.all(np.isfinite(base_out.logits)) and np.all(np.isfinite(base_out.points))
 
-  enc = jax.jit(lambda v_, b: model.apply(v_, b, method=PixelLLM.encode))(variables, batch)
+  enc = jax.jit(lambda v_, b: model.apply(v_, **mf.encode_inputs(b), method=PixelLLM.encode))(
+      variables, batch)
   assert isinstance(enc, Encoded)
   le = mf.NUM_QUERIES + LC
   assert enc.encoder_out.shape == (B, N, le, mf.WIDTH) and enc.encoder_out.dtype == jnp.float32
@@ -219,7 +222,8 @@ def test_cached_decoding_matches_teacher_forced(model, variables, batch):
   a time and (2) one teacher-forced pass: logits and points agree; the greedy tokens are the
   argmax of the teacher-forced logits (up to the first EOS); the adapter's points are the
   teacher-forced ones."""
-  enc = jax.jit(lambda v, b: model.apply(v, b, method=PixelLLM.encode))(variables, batch)
+  enc = jax.jit(lambda v, b: model.apply(v, **mf.encode_inputs(b), method=PixelLLM.encode))(
+      variables, batch)
   greedy = jax.jit(decoding.greedy_decode_pixel_llm, static_argnums=(0, 3))(
       model, variables, enc, L)
   tokens = np.asarray(greedy.tokens)
@@ -264,7 +268,7 @@ def test_loc_grad_to_lm(variables, batch, loc_grad_to_lm):
   @jax.jit
   def point_loss_grads(params, b):
     def point_loss(p):
-      _, metrics = losses.compute_losses(model.apply({"params": p}, b), b)
+      _, metrics = losses.compute_losses(model.apply({"params": p}, **mf.inputs(b)), b)
       return metrics["point_loss"]
     return jax.grad(point_loss)(params)
 
@@ -301,7 +305,8 @@ def test_fresh_lora_equals_rank_zero_model(variables, batch, base_out):
     return {k: strip(v) for k, v in tree.items() if k not in LORA_PARAM_NAMES}
 
   base_model = PixelLLM(mf.toy_config(lora_rank=0))
-  out = jax.jit(lambda p, b: base_model.apply({"params": p}, b))(strip(dict(params)), batch)
+  out = jax.jit(lambda p, b: base_model.apply({"params": p}, **mf.inputs(b)))(
+      strip(dict(params)), batch)
   _assert_close(out.logits, base_out.logits, 1e-6, "logits")
   _assert_close(out.points, base_out.points, 1e-6, "points")
 
@@ -416,9 +421,10 @@ def test_grid_point_prompt_encodes_the_box(variables, batch):
   points are embedded as positive point prompts (not as the box-corner tokens)."""
   model = PixelLLM(dataclasses.replace(mf.toy_config(lora_rank=LORA_RANK),
                                        prompt_points_per_side=3))
-  tokens = jax.jit(lambda v, b: model.apply(v, b, method=PixelLLM.visual_tokens))
+  tokens = jax.jit(lambda v, b: model.apply(v, b.image, b.image_valid_hw, b.prompt_boxes,
+                                            method=_visual_tokens))
   corner_tokens = PixelLLM(mf.toy_config(lora_rank=LORA_RANK)).apply(
-      variables, batch, method=PixelLLM.visual_tokens)
+      variables, batch.image, batch.image_valid_hw, batch.prompt_boxes, method=_visual_tokens)
   base = tokens(variables, batch)
   assert base.shape == corner_tokens.shape
   assert _max_diff(base, corner_tokens) > 1e-3
@@ -429,6 +435,10 @@ def test_grid_point_prompt_encodes_the_box(variables, batch):
   assert _max_diff(out[0, 0], base[0, 0]) > 1e-3      # the moved prompt changes
   _assert_close(out[0, 1], base[0, 1], 1e-6)          # the other prompts do not
   _assert_close(out[1], base[1], 1e-6)
+
+
+def _visual_tokens(module, image, image_valid_hw, prompt_boxes):
+  return module.visual_tokens(module.image_features(image).fused, image_valid_hw, prompt_boxes)
 
 
 def test_giou_loss_on_hand_computed_boxes():

@@ -1,12 +1,11 @@
 """Tests for models/prompt_extractor.py: wiring, per-prompt independence, sharding names."""
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixelllm_jax import sharding
+from pixelllm_jax import partitioning
 from pixelllm_jax.models.prompt_extractor import PromptExtractor, PromptExtractorConfig
 from pixelllm_jax.models.two_way import TwoWayTransformer
 from axis_names import assert_known_axis_names
@@ -111,84 +110,8 @@ def test_runs_sharded_on_a_mesh(setup):
   variables, inputs, _, out = setup
   # Auto axes: t5x-style logical constraints are hints; jax 0.10's default
   # Explicit axes would need an out_sharding on every sharded contraction.
-  mesh = jax.make_mesh((2, 4), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  shardings = sharding.logical_to_sharding(nn.get_partition_spec(variables), mesh)
-  placed = jax.device_put(nn.unbox(variables), shardings)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.AXIS_RULES):
+  partitioner = partitioning.Partitioner((2, 1, 4), "dp")
+  placed = jax.device_put(nn.unbox(variables), partitioner.shardings_of(variables))
+  with partitioner.context():
     sharded = jax.jit(MODEL.apply)(placed, *inputs)
   np.testing.assert_allclose(sharded, out, atol=1e-5, rtol=0)
-
-
-def test_config_is_gin_configurable():
-  # A scoped binding, so nothing leaks into other tests' unscoped configs.
-  with gin.unlock_config():
-    gin.parse_config("test_prompt_extractor/PromptExtractorConfig.num_queries = 7")
-  with gin.config_scope("test_prompt_extractor"):
-    assert PromptExtractorConfig().num_queries == 7
-  assert PromptExtractorConfig().num_queries == 32
-
-
-def test_prompt_side_inputs_pass_unprojected_when_widths_match():
-  """As the official adapter: prompt tokens, dense prompt and image PE are used as
-  they are when their width equals the transformer width (no prompt/pe projections)."""
-  import jax
-  import jax.numpy as jnp
-  from pixelllm_jax.models.prompt_extractor import PromptExtractor, PromptExtractorConfig
-  cfg = PromptExtractorConfig(depth=1, width=16, num_heads=2, mlp_dim=32, num_queries=3,
-                              output_dim=8)
-  image = jnp.ones((1, 2, 2, 5))
-  prompts = jnp.ones((1, 1, 2, 16))
-  params = jax.eval_shape(
-      lambda: PromptExtractor(cfg).init(jax.random.key(0), image, jnp.ones((2, 2, 16)),
-                                        prompts, jnp.ones((16,))))["params"]
-  assert "prompt_proj" not in params and "pe_proj" not in params
-  assert "image_proj" in params
-  wider = jax.eval_shape(
-      lambda: PromptExtractor(cfg).init(jax.random.key(0), image, jnp.ones((2, 2, 12)),
-                                        jnp.ones((1, 1, 2, 12)), jnp.ones((12,))))["params"]
-  assert "prompt_proj" in wider and "pe_proj" in wider
-
-
-@pytest.mark.parametrize("fuse, extra", [("sparse", 0), ("dense", None), ("sparse+dense", 3)])
-def test_fuse_modes_choose_the_tokens_that_reach_the_lm(fuse, extra):
-  """'sparse': the Q queries; 'dense': the h*w updated image tokens; both: queries first."""
-  import jax
-  import jax.numpy as jnp
-  from pixelllm_jax.models.prompt_extractor import PromptExtractor, PromptExtractorConfig
-  cfg = PromptExtractorConfig(depth=1, width=16, num_heads=2, mlp_dim=32, num_queries=3,
-                              output_dim=8, fuse=fuse)
-  args = (jnp.ones((1, 2, 2, 5)), jnp.ones((2, 2, 12)), jnp.ones((1, 1, 2, 12)), jnp.ones((12,)))
-  model = PromptExtractor(cfg)
-  variables = model.init(jax.random.key(0), *args)
-  out = model.apply(variables, *args)
-  assert out.shape == (1, 1, cfg.num_tokens((2, 2)), 8)
-  assert cfg.num_tokens((2, 2)) == {"sparse": 3, "dense": 4, "sparse+dense": 7}[fuse]
-  if fuse == "sparse+dense":
-    sparse = PromptExtractor(PromptExtractorConfig(depth=1, width=16, num_heads=2, mlp_dim=32,
-                                                   num_queries=3, output_dim=8))
-    params = {k: v for k, v in variables["params"].items() if k != "dense_head"}
-    np.testing.assert_allclose(out[:, :, :extra], sparse.apply({"params": params}, *args),
-                               atol=1e-6)
-
-
-def test_unknown_fuse_mode_is_refused():
-  from pixelllm_jax.models.prompt_extractor import PromptExtractorConfig
-  with pytest.raises(ValueError, match="fuse"):
-    PromptExtractorConfig(fuse="concat")
-
-
-def test_dense_tokens_carry_the_grid_position():
-  """On a constant image map the updated image tokens are alike everywhere; the
-  dense tokens must still differ by grid position (the PE is added back)."""
-  import jax
-  import jax.numpy as jnp
-  from pixelllm_jax.models.prompt_extractor import PromptExtractor, PromptExtractorConfig
-  cfg = PromptExtractorConfig(depth=1, width=16, num_heads=2, mlp_dim=32, num_queries=3,
-                              output_dim=8, fuse="dense")
-  pe = jax.random.normal(jax.random.key(1), (2, 2, 16))
-  args = (jnp.ones((1, 2, 2, 5)), pe, jnp.ones((1, 1, 2, 16)), jnp.zeros((16,)))
-  model = PromptExtractor(cfg)
-  variables = model.init(jax.random.key(0), *args)
-  out = np.asarray(model.apply(variables, *args))[0, 0]  # [h*w, 8]
-  spread = np.abs(out - out.mean(0, keepdims=True)).mean()
-  assert spread > 0.1, spread

@@ -187,6 +187,6 @@ def test_remat_gives_the_same_output(model_and_params):
   _, _, params = model_and_params
   image = _image(jax.random.PRNGKey(10), 32, 32)
   plain = _apply(sam_vit.SamViT(CFG), params, image)
-  remat = sam_vit.SamViT(sam_vit.SamViTConfig(**{**CFG.__dict__, "remat": True}))
+  remat = sam_vit.SamViT(sam_vit.SamViTConfig(**{**CFG.__dict__, "remat": "block"}))
   np.testing.assert_allclose(_apply(remat, params, image), plain, atol=1e-6)
 

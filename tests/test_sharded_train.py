@@ -1,11 +1,11 @@
-"""The real PixelLLM train step on a data x model mesh equals the one-device step.
+"""The real PixelLLM train step under each rule set on an 8-device fake CPU mesh
+(data 2 x fsdp 2 x model 2) equals the one-device step, and the parameters really are split.
 
-Toy-size composer (tests/model_fixtures.py) with LoRA and T5 dropout, `losses.compute_losses`, the
-project optimizer with the paper's freezing preset, state born sharded
-(`state.create_sharded_state`) and the jitted, donated `trainer.make_train_step`. Two steps on an
-8-device fake CPU mesh (data=4 x model=2) must give the same losses (1e-5 relative) and updated
-parameters (1e-5 absolute) as on a 1x1 mesh, and the wide parameters must really be split over
-'model'.
+Toy-size composer (tests/model_fixtures.py) with LoRA and T5 dropout, SAM and the prompt
+encoder frozen (`PixelLLMConfig.frozen`), the project's losses and optimizer, the state born
+sharded (`state.state_spec`) and the jitted, donated `trainer.make_train_step`. Two steps per
+rule set must give the same losses (1e-5 relative) and updated parameters (1e-5 absolute) as on
+one device, and the parameters the rule set splits must have split shards.
 
 One exception, by construction: an attention key bias has an exactly zero gradient (it adds
 q . b_k to every score of a query, and softmax ignores a constant shift), so its computed gradient
@@ -22,50 +22,45 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 import model_fixtures as mf
-from pixelllm_jax import losses
-from pixelllm_jax.models.pixel_llm import PixelLLM
+from pixelllm_jax.losses import LossConfig
+from pixelllm_jax.model import PixelLLMModel
+from pixelllm_jax.partitioning import Partitioner
 from pixelllm_jax.train import optim, state as state_lib, trainer
+from pixelllm_jax.tree_paths import path_of
 
 B, K, N, L, LC = 4, 2, 2, 6, 4
 STEPS = 2
 
 
-def _mesh(shape):
-  devices = np.array(jax.devices()[: shape[0] * shape[1]])
-  return jax.make_mesh(shape, ("data", "model"), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-
 def _model():
-  return PixelLLM(mf.toy_config(lora_rank=2, dropout_rate=0.1))
+  return PixelLLMModel(mf.toy_config(lora_rank=2, dropout_rate=0.1,
+                                     frozen=("sam", "prompt_encoder")),
+                       loss=LossConfig(box_giou_weight=1.0))
 
 
-def _optimizer():
+def _run(partitioner):
+  model = _model()
   # warmup_steps=1: the first update runs at learning rate 0, the second at the peak.
-  return optim.make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10,
-                              weight_decay=0.01, grad_clip_norm=1.0,
-                              trainable=optim.trainable_predicate("paper"))
-
-
-def _run(shape):
-  mesh = _mesh(shape)
-  model, tx = _model(), _optimizer()
-  state, shardings = state_lib.create_sharded_state(
-      model, mf.random_batch(0, b=B, k=K, n=N, l=L, lc=LC), tx, mesh, jax.random.key(0))
+  tx = optim.with_frozen(optim.make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10,
+                                              weight_decay=0.01, grad_clip_norm=1.0),
+                         model.trainable)
+  spec = state_lib.state_spec(model, mf.random_batch(0, b=B, k=K, n=N, l=L, lc=LC), tx,
+                              partitioner)
+  state = spec.init(jax.random.key(0))
   init_params = jax.device_get(state.params)
-  step = trainer.make_train_step(model, losses.compute_losses, tx, mesh=mesh,
-                                 state_shardings=shardings)
+  step = trainer.make_train_step(model, tx, partitioner=partitioner,
+                                 state_shardings=spec.shardings)
   losses_ = []
   for i in range(STEPS):
-    batch = trainer.shard_batch(mf.random_batch(100 + i, b=B, k=K, n=N, l=L, lc=LC), mesh)
+    batch = partitioner.shard_batch(mf.random_batch(100 + i, b=B, k=K, n=N, l=L, lc=LC))
     state, metrics = step(state, batch, jax.random.key(1))
     losses_.append(float(metrics["loss"]))
-  return state, shardings, init_params, losses_
+  return state, spec.shardings, init_params, losses_
 
 
 @pytest.fixture(scope="module")
 def single_device():
-  state, _, init_params, losses_ = _run((1, 1))
+  state, _, init_params, losses_ = _run(Partitioner((1, 1, 1), "dp", jax.devices()[:1]))
   return jax.device_get(state.params), init_params, losses_
 
 
@@ -75,10 +70,41 @@ def _get(tree, path):
   return tree
 
 
+# path -> expected spec, per rule set. 'embed' over fsdp, the wide axes over model.
+SPLIT = {
+    "dp": {
+        "t5/encoder/layers_0/mlp/wi_0/kernel": P(None, "model"),
+        "t5/decoder/layers_0/self_attention/out/kernel": P("model", None),
+        "t5/decoder/layers_0/self_attention/query/lora_b": P(None, "model"),
+        "t5/decoder/logits_dense/kernel": P(None, "model"),
+        "loc_head/dense_0/kernel": P(None, "model"),
+        "eva02/blocks_0/attn/q_proj/kernel": P(None, "model"),
+    },
+    "fsdp": {
+        "t5/encoder/layers_0/mlp/wi_0/kernel": P("fsdp", None),
+        "t5/decoder/layers_0/self_attention/out/kernel": P(None, "fsdp"),
+        "t5/token_embedder/embedding": P(None, "fsdp"),
+        "t5/decoder/logits_dense/kernel": P("fsdp", None),
+        "eva02/blocks_0/attn/q_proj/kernel": P("fsdp", None),
+        "extractor/output_tokens": P(None, "fsdp"),
+    },
+    "fsdp_tp": {
+        "t5/encoder/layers_0/mlp/wi_0/kernel": P("fsdp", "model"),
+        "t5/decoder/layers_0/self_attention/out/kernel": P("model", "fsdp"),
+        "t5/token_embedder/embedding": P("model", "fsdp"),
+        "t5/decoder/logits_dense/kernel": P("fsdp", "model"),
+        "eva02/blocks_0/attn/q_proj/kernel": P("fsdp", "model"),
+        "loc_head/dense_0/kernel": P("fsdp", "model"),
+    },
+}
+
+
 @pytest.mark.slow
-def test_sharded_step_matches_single_device(single_device):
+@pytest.mark.parametrize("rules", sorted(SPLIT))
+def test_rule_set_matches_single_device(single_device, rules):
   ref_params, ref_init, ref_losses = single_device
-  state, shardings, init_params, losses_ = _run((4, 2))
+  partitioner = Partitioner((2, 2, 2), rules)
+  state, shardings, init_params, losses_ = _run(partitioner)
 
   # Same init on both meshes, and the steps really moved the trainable params.
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), init_params, ref_init)
@@ -97,29 +123,21 @@ def test_sharded_step_matches_single_device(single_device):
   for path in sorted(set(got) - set(zero_grad)):
     np.testing.assert_allclose(got[path], want[path], atol=1e-5, rtol=0, err_msg=path)
 
-  # The wide parameters are split over 'model' as AXIS_RULES say ('mlp', 'joined_kv', 'vocab').
-  split = {
-      "t5/encoder/layers_0/mlp/wi_0/kernel": P(None, "model"),
-      "t5/decoder/layers_0/self_attention/query/kernel": P(None, "model"),
-      "t5/decoder/layers_0/self_attention/out/kernel": P("model", None),
-      "t5/decoder/layers_0/self_attention/query/lora_b": P(None, "model"),
-      "t5/decoder/logits_dense/kernel": P(None, "model"),
-      "loc_head/dense_0/kernel": P(None, "model"),
-  }
-  for path, spec in split.items():
+  # The parameters are split as the rule set says, with shards of the split shape.
+  for path, spec in SPLIT[rules].items():
     x = _get(state.params, path)
     assert x.sharding == _get(shardings.params, path), path
     assert x.sharding.spec == spec, (path, x.sharding.spec)
-    model_axis = list(spec).index("model")
     shard_shape = x.addressable_shards[0].data.shape
-    assert shard_shape[model_axis] == x.shape[model_axis] // 2, (path, shard_shape, x.shape)
+    want_shape = tuple(n // (2 if axis else 1) for n, axis in zip(x.shape, spec))
+    assert shard_shape == want_shape, (path, shard_shape, x.shape)
   # Adam moments live where their parameter lives; frozen towers carry none.
   kernel_path = ("t5", "encoder", "layers_0", "mlp", "wi_0", "kernel")
   moments = [x for kp, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
-             if optim.path_of(kp)[-len(kernel_path):] == kernel_path]
+             if path_of(kp)[-len(kernel_path):] == kernel_path]
   assert len(moments) == 2
   assert all(m.sharding == _get(state.params, "/".join(kernel_path)).sharding for m in moments)
-  moment_roots = {optim.path_of(kp)[optim.path_of(kp).index("mu") + 1]
+  moment_roots = {path_of(kp)[path_of(kp).index("mu") + 1]
                   for kp, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)
-                  if "mu" in optim.path_of(kp)}
+                  if "mu" in path_of(kp)}
   assert "t5" in moment_roots and not moment_roots & {"sam", "prompt_encoder"}

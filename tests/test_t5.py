@@ -254,7 +254,8 @@ def test_dropout_is_active_only_when_not_deterministic():
   assert np.abs(drop - det).max() > 1e-3
 
 
-def test_remat_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("mode", ["block", "dots_with_no_batch_dims_saveable"])
+def test_remat_gives_the_same_loss_and_gradients(mode):
   embeds, mask, tokens = _inputs()
   cfg = dataclasses.replace(BASE, dropout_rate=0.3, num_encoder_layers=1, num_decoder_layers=1)
   params = nn.meta.unbox(_params(cfg))
@@ -263,7 +264,7 @@ def test_remat_gives_the_same_loss_and_gradients():
   def loss(cfg, p):
     return jnp.sum(_run(cfg, p, embeds, mask, tokens, deterministic=False, rngs=rngs)[0] ** 2)
 
-  remat = dataclasses.replace(cfg, remat=True)
+  remat = dataclasses.replace(cfg, remat=mode)
   value_and_grad = lambda c: jax.jit(jax.value_and_grad(functools.partial(loss, c)))  # noqa: E731
   (v, g), (v_remat, g_remat) = value_and_grad(cfg)(params), value_and_grad(remat)(params)
   np.testing.assert_allclose(v_remat, v, rtol=1e-6)

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from pixelllm_jax.data import tasks, trace
+from pixelllm_jax import tasks
+from pixelllm_jax.data import trace
 
 EOS = 1
 
@@ -49,7 +50,7 @@ POINTS = [[0.15, 0.2], [0.6, 0.7], [0.35, 0.05]]
 def test_trace_point_of_target_token_j_sits_at_input_position_j_plus_1():
   config = tasks.TaskConfig(max_target_len=8, points_per_token=2)
   # As many one-word utterances as tokens: utterance j belongs to token j.
-  [slot] = tasks.trace_slots(ln_record(["red", "blue", "green"], BOXES, POINTS),
+  [slot] = tasks.trace.make_slots(ln_record(["red", "blue", "green"], BOXES, POINTS),
                              WordTokenizer(), config)
   assert slot.task == "trace" and len(slot.target) == 4 and slot.target[-1] == EOS
   for j in range(3):
@@ -63,7 +64,7 @@ def test_trace_point_of_target_token_j_sits_at_input_position_j_plus_1():
 
 def test_trace_single_point_mode_uses_time_averaged_point():
   config = tasks.TaskConfig(max_target_len=8, points_per_token=1)
-  [slot] = tasks.trace_slots(ln_record(["red", "blue", "green"], BOXES, POINTS),
+  [slot] = tasks.trace.make_slots(ln_record(["red", "blue", "green"], BOXES, POINTS),
                              WordTokenizer(), config)
   assert slot.point_targets.shape == (8, 1, 2)
   for j in range(3):
@@ -76,9 +77,9 @@ def test_trace_skips_invalid_utterances_and_matches_by_relative_position():
   boxes = BOXES[:2] + [[0, 0, 0, 0], BOXES[2]]
   points = POINTS[:2] + [[0, 0], POINTS[2]]
   record = ln_record(utterances, boxes, points, caption="a red circle and a blue square")
-  np.testing.assert_array_equal(tasks.utterance_valid(record), [True, False, False, True])
+  np.testing.assert_array_equal(trace.utterance_valid(record), [True, False, False, True])
   config = tasks.TaskConfig(max_target_len=16)
-  [slot] = tasks.trace_slots(record, WordTokenizer(), config)
+  [slot] = tasks.trace.make_slots(record, WordTokenizer(), config)
   expected = trace.assign_utterances_to_tokens(7, [True, False, False, True])
   assert set(expected) == {0, 3}
   np.testing.assert_array_equal(slot.meta["utterance_of_token"][:7], expected)
@@ -92,7 +93,7 @@ def test_trace_truncation_keeps_eos_and_full_narrative_alignment():
   boxes = [[i / 20, i / 20, i / 20 + 0.05, i / 20 + 0.05] for i in range(10)]
   points = [[i / 20 + 0.02, i / 20 + 0.02] for i in range(10)]
   config = tasks.TaskConfig(max_target_len=5)
-  [slot] = tasks.trace_slots(ln_record(words, boxes, points), WordTokenizer(), config)
+  [slot] = tasks.trace.make_slots(ln_record(words, boxes, points), WordTokenizer(), config)
   assert len(slot.target) == 5 and slot.target[-1] == EOS
   # The 4 kept words keep their own utterances (matched over the whole narrative).
   np.testing.assert_array_equal(slot.meta["utterance_of_token"], [0, 1, 2, 3, -1])
@@ -103,12 +104,12 @@ def test_caption_truncation_keeps_eos():
   tok = WordTokenizer()
   record = {"image": np.zeros((4, 4, 3), np.uint8), "image_id": b"1",
             "caption": b"one two three four five six seven"}
-  [slot] = tasks.caption_slots(record, tok, tasks.TaskConfig(max_target_len=4))
+  [slot] = tasks.caption.make_slots(record, tok, tasks.TaskConfig(max_target_len=4))
   np.testing.assert_array_equal(slot.target, tok.encode("one two three") + [EOS])
   np.testing.assert_array_equal(slot.loss_weights, [1, 1, 1, 1])
   assert slot.point_weights.sum() == 0
   np.testing.assert_array_equal(slot.context, tok.encode("a photo of") + [EOS])
-  context = tasks.encode_with_eos(tok, "a b c d e", 3)
+  context = tasks.base.encode_with_eos(tok, "a b c d e", 3)
   np.testing.assert_array_equal(context, tok.encode("a b") + [EOS])
 
 
@@ -117,7 +118,7 @@ def test_refer_box_at_eos_target_and_contexts_in_step(points_per_token):
   tok = WordTokenizer()
   config = tasks.TaskConfig(max_target_len=6, points_per_token=points_per_token)
   record = refer_record()
-  slots = tasks.refer_slots(record, tok, config)
+  slots = tasks.refer.make_slots(record, tok, config)
   assert len(slots) == 3
   for slot, text, sent_id, obj in zip(slots, ["big blue square", "red circle", "the left thing"],
                                       [1000, 1001, 1002], [1, 0, 0]):
@@ -139,7 +140,7 @@ def test_loca_one_slot_per_region_with_its_box_as_prompt():
   boxes = [np.array([0.1, 0.1, 0.3, 0.3], np.float32), np.array([0.5, 0.2, 0.9, 0.8], np.float32)]
   record = {"image": np.zeros((4, 4, 3), np.uint8), "image_id": 3,
             "regions": {"id": [7, 8], "box": boxes, "phrase": [b"a red circle", b"blue square"]}}
-  slots = tasks.loca_slots(record, tok, tasks.TaskConfig(max_target_len=8))
+  slots = tasks.loca.make_slots(record, tok, tasks.TaskConfig(max_target_len=8))
   assert [s.meta["reference"] for s in slots] == ["a red circle", "blue square"]
   for slot, box in zip(slots, boxes):
     np.testing.assert_array_equal(slot.prompt_box, box)

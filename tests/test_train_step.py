@@ -1,26 +1,29 @@
 """The sharded train step, the optimizer's freezing and its schedule.
 
 Also home of the toy model, loss and data iterator the other train tests import
-(`from test_train_step import ...`): a linen Module that consumes a Batch and
-returns an Output (token embedding -> Dense over 'embed'->'mlp' -> logits and a
-points head), small enough to compile in about a second.
+(`from test_train_step import ...`): a `model.BaseModel` over a linen Module
+that consumes a Batch and returns an Output (token embedding -> Dense over
+'embed'->'mlp' -> logits and a points head), small enough to compile in about
+a second.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
-from pixelllm_jax import layers
+from pixelllm_jax import layers, lora
 from pixelllm_jax.batch import Batch, Output
+from pixelllm_jax.model import BaseModel
+from pixelllm_jax.partitioning import Partitioner
 from pixelllm_jax.train import optim, state as state_lib, trainer
+from pixelllm_jax.tree_paths import path_of
 
 VOCAB, WIDTH, HIDDEN, P_POINTS = 16, 8, 16, 2
 B, K, N, LC, L, HW = 8, 1, 2, 3, 4, 4
 
 
-class ToyModel(nn.Module):
+class ToyNet(nn.Module):
   """Embeds decoder tokens, mixes in a pooled image feature, predicts logits and points.
 
   Top-level submodule names match the composer's ('t5', 'sam', 'loc_head') so
@@ -53,6 +56,24 @@ class _ToyLM(nn.Module):
     lora_b = self.param("lora_b", layers.param_init(nn.initializers.zeros,
                                                     ("lora_rank", "embed")), (2, WIDTH))
     return x + x @ lora_a @ lora_b
+
+
+class ToyModel(BaseModel):
+  """`ToyNet` + `toy_loss` behind the model API; `frozen` top-level names do not train
+  (LoRA leaves inside them still do, as `PixelLLMConfig.frozen`)."""
+
+  def __init__(self, frozen: tuple[str, ...] = ()):
+    self.net, self.frozen = ToyNet(), tuple(frozen)
+
+  def init(self, rng, batch):
+    return self.net.init({"params": rng, "dropout": rng}, batch)["params"]
+
+  def loss(self, params, batch, rng):
+    output = self.net.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
+    return toy_loss(output, batch)
+
+  def trainable(self, path):
+    return not path or path[0] not in self.frozen or lora.is_lora_path(path)
 
 
 def toy_loss(output: Output, batch: Batch):
@@ -108,44 +129,50 @@ class ToyIterator:
     self.i = int(state["position"])
 
 
-def toy_optimizer(trainable=optim.TRAIN_ALL, total_steps=10):
+def toy_optimizer(total_steps=10):
   return optim.make_optimizer(learning_rate=1e-2, warmup_steps=2, total_steps=total_steps,
-                              weight_decay=0.1, grad_clip_norm=1.0, trainable=trainable)
+                              weight_decay=0.1, grad_clip_norm=1.0)
 
 
-def mesh_of(n_data: int, n_model: int) -> Mesh:
-  devices = np.array(jax.devices()[: n_data * n_model]).reshape(n_data, n_model)
-  return Mesh(devices, ("data", "model"))
+def partitioner_of(n_data: int, n_model: int, rules: str = "dp") -> Partitioner:
+  """A (data, 1, model) mesh over the first n_data * n_model devices."""
+  return Partitioner((n_data, 1, n_model), rules, devices=jax.devices()[: n_data * n_model])
 
 
-def run_steps(mesh, n_steps, trainable=optim.TRAIN_ALL):
-  model, tx = ToyModel(), toy_optimizer(trainable)
-  state, shardings = state_lib.create_sharded_state(model, toy_batch(0), tx, mesh,
-                                                    jax.random.key(0))
-  step = trainer.make_train_step(model, toy_loss, tx, mesh=mesh, state_shardings=shardings)
+def sharded_state(model, tx, partitioner, batch=None):
+  """(state, shardings) born sharded, with the model's freezing applied to `tx`."""
+  tx = optim.with_frozen(tx, model.trainable)
+  spec = state_lib.state_spec(model, toy_batch(0) if batch is None else batch, tx, partitioner)
+  return spec.init(jax.random.key(0)), spec.shardings, tx
+
+
+def run_steps(partitioner, n_steps, frozen=()):
+  model = ToyModel(frozen)
+  state, shardings, tx = sharded_state(model, toy_optimizer(), partitioner)
+  step = trainer.make_train_step(model, tx, partitioner=partitioner, state_shardings=shardings)
   losses = []
   for i in range(n_steps):
-    state, metrics = step(state, trainer.shard_batch(toy_batch(100 + i), mesh), jax.random.key(1))
+    state, metrics = step(state, partitioner.shard_batch(toy_batch(100 + i)), jax.random.key(1))
     losses.append(float(metrics["loss"]))
   return state, shardings, losses
 
 
 @pytest.fixture(scope="module")
 def single_device_run():
-  state, _, losses = run_steps(mesh_of(1, 1), 3)
+  state, _, losses = run_steps(partitioner_of(1, 1), 3)
   return jax.device_get(state.params), losses
 
 
 @pytest.mark.parametrize("shape", [(4, 2), (8, 1)])
 def test_sharded_step_matches_single_device(single_device_run, shape):
   ref_params, ref_losses = single_device_run
-  state, shardings, losses = run_steps(mesh_of(*shape), 3)
+  state, shardings, losses = run_steps(partitioner_of(*shape), 3)
   # The state really is distributed as the rules say: 'mlp' over 'model'.
   kernel = state.params["t5"]["mlp_in"]["kernel"]
   assert kernel.sharding == shardings.params["t5"]["mlp_in"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "model")
   moments = [x for kp, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
-             if optim.path_of(kp)[-3:] == ("t5", "mlp_in", "kernel")]
+             if path_of(kp)[-3:] == ("t5", "mlp_in", "kernel")]
   assert len(moments) == 2 and all(m.sharding == kernel.sharding for m in moments)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
@@ -153,15 +180,13 @@ def test_sharded_step_matches_single_device(single_device_run, shape):
 
 
 def test_frozen_params_unchanged_and_stateless():
-  predicate = optim.Trainable(frozen_prefixes=("sam",), freeze_lm_base=True)
-  model, tx = ToyModel(), toy_optimizer(predicate)
-  mesh = mesh_of(4, 2)
-  state, shardings = state_lib.create_sharded_state(model, toy_batch(0), tx, mesh,
-                                                    jax.random.key(0))
+  model = ToyModel(frozen=("sam", "t5"))
+  partitioner = partitioner_of(4, 2)
+  state, shardings, tx = sharded_state(model, toy_optimizer(), partitioner)
   before = jax.device_get(state.params)
-  step = trainer.make_train_step(model, toy_loss, tx, mesh=mesh, state_shardings=shardings)
+  step = trainer.make_train_step(model, tx, partitioner=partitioner, state_shardings=shardings)
   for i in range(3):
-    state, _ = step(state, trainer.shard_batch(toy_batch(i), mesh), jax.random.key(1))
+    state, _ = step(state, partitioner.shard_batch(toy_batch(i)), jax.random.key(1))
   after = jax.device_get(state.params)
   frozen = [("sam", "kernel"), ("sam", "bias"), ("t5", "embedding"), ("t5", "mlp_in", "kernel")]
   trained = [("t5", "lora_a"), ("t5", "lora_b"), ("logits", "kernel"), ("loc_head", "bias")]
@@ -176,24 +201,12 @@ def test_frozen_params_unchanged_and_stateless():
   for path in trained:
     assert np.abs(get(after, path) - get(before, path)).max() > 1e-4, path
   # Adam moments exist exactly for the trainable leaves.
-  moment_paths = {optim.path_of(kp) for kp, _ in
+  moment_paths = {path_of(kp) for kp, _ in
                   jax.tree_util.tree_leaves_with_path(state.opt_state) if _.ndim > 0}
   mu_paths = {p[p.index("mu") + 1:] for p in moment_paths if "mu" in p}
-  all_paths = {optim.path_of(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(after)}
-  assert mu_paths == {p for p in all_paths if predicate(p)}
+  all_paths = {path_of(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(after)}
+  assert mu_paths == {p for p in all_paths if model.trainable(p)}
   assert ("t5", "lora_a") in mu_paths and ("sam", "kernel") not in mu_paths
-
-
-def test_trainable_presets():
-  assert optim.trainable_predicate("all")(("sam", "kernel"))
-  paper = optim.trainable_predicate("paper")
-  assert not paper(("sam", "blocks_0", "kernel")) and not paper(("prompt_encoder", "x"))
-  assert paper(("t5", "decoder", "kernel")) and paper(("eva02", "norm", "scale"))
-  lora = optim.trainable_predicate("paper_lora")
-  assert not lora(("t5", "decoder", "q", "kernel"))
-  assert lora(("t5", "decoder", "q", "lora_a", "kernel")) and lora(("loc_head", "kernel"))
-  with pytest.raises(ValueError, match="choose one of"):
-    optim.trainable_predicate("lora")
 
 
 def test_weight_decay_skips_1d_leaves():

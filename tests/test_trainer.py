@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from absl import flags
 
+from pixelllm_jax import cli
 from pixelllm_jax.train import checkpoint as ckpt, main, trainer
-from test_train_step import ToyIterator, ToyModel, mesh_of, toy_loss, toy_optimizer
+from test_train_step import ToyIterator, ToyModel, partitioner_of, toy_optimizer
 
 MESH = (4, 2)
 
@@ -16,9 +17,9 @@ MESH = (4, 2)
 def _train(model_dir, num_steps, **kw):
   kw = {"checkpoint_every": 3, "log_every": 2, "keep_checkpoints": 2, **kw}
   return trainer.train(
-      model_dir=str(model_dir), model=ToyModel(), loss_fn=toy_loss,
-      train_data=ToyIterator(seed=7), num_steps=num_steps,
-      optimizer=toy_optimizer(total_steps=6), mesh=mesh_of(*MESH), seed=3, **kw)
+      model_dir=str(model_dir), model=ToyModel(), train_data=ToyIterator(seed=7),
+      num_steps=num_steps, optimizer=toy_optimizer(total_steps=6),
+      partitioner=partitioner_of(*MESH), seed=3, **kw)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -45,7 +46,6 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   manager.close()
   events = os.listdir(tmp_path / "full" / "train")
   assert any(name.startswith("events.out.tfevents") for name in events)
-  assert os.path.exists(tmp_path / "full" / "config.gin")
 
   # Finished runs resume to a no-op.
   again = _train(tmp_path / "split", 6)
@@ -74,20 +74,19 @@ TRAIN_STEPS = %gin.REQUIRED
 train.model_dir = %MODEL_DIR
 train.num_steps = %TRAIN_STEPS
 train.model = @ToyModel()
-train.loss_fn = @toy_loss
 train.train_data = @ToyIterator()
 train.optimizer = @make_optimizer()
-train.mesh = @make_mesh()
+train.partitioner = @Partitioner()
 train.log_every = 1
 train.checkpoint_every = 100
 
-make_mesh.mesh_shape = (-1, 2)
+ToyModel.frozen = ('sam',)
+Partitioner.mesh_shape = (-1, 1, 2)
+Partitioner.rules = 'fsdp_tp'
 make_optimizer.learning_rate = 1e-2
 make_optimizer.warmup_steps = 1
 make_optimizer.total_steps = %TRAIN_STEPS
 make_optimizer.weight_decay = 0.0
-make_optimizer.trainable = @trainable_predicate()
-trainable_predicate.mode = 'paper'
 """
 
 
@@ -98,7 +97,6 @@ def gin_toy():
 
   registered = [gin.external_configurable(obj, module="test_train_step")
                 for obj in (toy.ToyModel, toy.ToyIterator)]
-  gin.external_configurable(toy.toy_loss, module="test_train_step")
   yield registered
   gin.clear_config()
 
@@ -110,9 +108,9 @@ def test_cli_parses_gin_file_and_bindings(tmp_path, gin_toy):
   argv = ["train", "--gin_file=toy.gin", f"--gin_search_paths={tmp_path / 'configs'}",
           f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2",
           "--gin_bindings=ToyIterator.seed = 5"]
-  assert main.rewrite_gin_args(argv)[3] == f"--gin_bindings=MODEL_DIR = '{model_dir}'"
+  assert cli.rewrite_gin_args(argv)[3] == f"--gin_bindings=MODEL_DIR = '{model_dir}'"
   try:
-    rest = main.parse_flags(argv)
+    rest = cli.parse_flags(argv)
     result = main.run(rest)
   finally:
     flags.FLAGS.unparse_flags()
@@ -122,7 +120,7 @@ def test_cli_parses_gin_file_and_bindings(tmp_path, gin_toy):
   config = " ".join((model_dir / "config.gin").read_text().replace("\\\n", " ").split())
   assert "TRAIN_STEPS = 2" in config and "train.num_steps = %TRAIN_STEPS" in config
   assert "ToyIterator.seed = 5" in config
-  assert "trainable_predicate.mode = 'paper'" in config
+  assert "ToyModel.frozen = ('sam',)" in config and "Partitioner.rules = 'fsdp_tp'" in config
   assert f"MODEL_DIR = '{model_dir}'" in config
   assert os.path.isdir(model_dir / "checkpoints" / "2")
 

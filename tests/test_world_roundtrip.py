@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelllm_jax.batch import EMPTY_SLOT, TASK_ID, TASKS, shift_right
-from pixelllm_jax.data import pipeline, tasks
+from pixelllm_jax.batch import EMPTY_SLOT, shift_right
+from pixelllm_jax.tasks import TASK_ID, TASKS
+from pixelllm_jax import tasks
+from pixelllm_jax.data import pipeline
 from pixelllm_jax.data.builders import common
 from pixelllm_jax.data.tokenizer import Tokenizer
 from pixelllm_jax.data.world import generate, scene as scene_lib
@@ -303,7 +305,8 @@ def test_refer_point_targets_are_the_referred_box_corners(world, tokenizer):
       target = batch["decoder_target_tokens"][b, n]
       text = tokenizer.decode(target)
       assert text in text_of, text
-      assert tokenizer.decode(batch["context_tokens"][b, n]) == f"{CONFIG.refer_instruction} {text}"
+      instruction = CONFIG.instruction(tasks.get("refer"))
+      assert tokenizer.decode(batch["context_tokens"][b, n]) == f"{instruction} {text}"
       eos = int(np.flatnonzero(target == tokenizer.eos_id)[0])
       np.testing.assert_array_equal(np.flatnonzero(batch["point_weights"][b, n]), [eos])
       box = np.asarray(item.scene.objects[text_of[text]].box_xyxy, np.float32) / SIZE

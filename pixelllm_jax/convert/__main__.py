@@ -11,7 +11,7 @@ then train from it with `--gin.INIT_CHECKPOINT="'/ckpt/pixelllm_t5_xl_init'"`
 
 Flags:
   --model_gin         (repeatable) the model's gin file(s), searched in --gin_search_paths and the
-                      repository's gin_configs/; only `PixelLLM.config` is used.
+                      repository's gin_configs/; only `PixelLLMModel.config` is used.
   --gin.NAME=VALUE    a gin binding (as in `python -m pixelllm_jax.train`); also --gin_bindings.
   --t5, --t5_format   a Hugging Face T5 directory (or weight file with config.json beside it),
                       or a classic T5X `checkpoint_<step>` directory with --t5_format=t5x.
@@ -34,6 +34,7 @@ from typing import Sequence
 
 import gin
 
+from pixelllm_jax import cli as gin_cli
 from pixelllm_jax.convert import assemble as assemble_lib
 
 
@@ -55,28 +56,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_model(model_gins: Sequence[str], bindings: Sequence[str] = (),
                 search_paths: Sequence[str] = ()):
-  """Parses the model gin files (fresh gin state) and returns `PixelLLM()`."""
-  from pixelllm_jax.models.pixel_llm import PixelLLM  # pylint: disable=import-outside-toplevel
-  from pixelllm_jax.train import main as train_main  # pylint: disable=import-outside-toplevel
+  """Parses the model gin files (fresh gin state) and returns the gin-built `PixelLLMModel()`."""
+  from pixelllm_jax import configurables  # pylint: disable=import-outside-toplevel
   gin.clear_config()
-  train_main.parse_gin(model_gins, bindings, search_paths)
-  return PixelLLM()
+  gin_cli.parse_gin(model_gins, bindings, search_paths)
+  return configurables.REGISTERED["PixelLLMModel"][1]()
 
 
 def main(argv: Sequence[str] | None = None) -> assemble_lib.Assembled:
   """Runs the conversion; `argv` without the program name (default: sys.argv[1:])."""
-  from pixelllm_jax.train import main as train_main  # pylint: disable=import-outside-toplevel
-  args = _parser().parse_args(
-      train_main.rewrite_gin_args(sys.argv[1:] if argv is None else argv))
+  args = _parser().parse_args(gin_cli.rewrite_gin_args(sys.argv[1:] if argv is None else argv))
   from pixelllm_jax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
   out = os.path.abspath(args.out)
   if os.path.exists(out):
     raise SystemExit(f"--out {out} already exists; give a new directory")
   start = time.perf_counter()
   model = build_model(args.model_gin, args.gin_bindings, args.gin_search_paths)
-  # The model's configs are built; drop the bindings so the importers' own config objects
-  # (e.g. convert/t5.py's LoRA-free `LoraConfig()`) do not pick up the model file's values.
-  gin.clear_config()
   sources = assemble_lib.Sources(t5=args.t5, t5_format=args.t5_format, sam=args.sam,
                                  sam_format=args.sam_format, eva02=args.eva02)
   assembled = assemble_lib.assemble(model, sources, seed=args.seed)

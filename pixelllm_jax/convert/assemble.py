@@ -24,10 +24,6 @@ model's `T5Config` on `num_heads`, `d_kv`, `feed_forward`, `tie_word_embeddings`
 `relative_attention_max_distance` (a differing value changes the math without changing any
 shape); the sizes themselves are checked through the parameter shapes.
 
-Gin: call `assemble` with no gin bindings active (the CLI clears gin once the model is built):
-convert/t5.py's `t5_expected_shapes` builds a gin-configurable `LoraConfig()`, which a model
-file's `LoraConfig.rank = 32` would turn into a LoRA model, making every adapter "missing".
-
 Memory: the converted arrays are float32 numpy (Flan-T5-XL alone is 11.4 GB); nothing is put on
 an accelerator. The adapters are computed by a jitted init that returns only the adapter leaves
 (XLA drops the rest), so the base model is never initialized.
@@ -43,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixelllm_jax import lora as lora_lib
-from pixelllm_jax.batch import Batch
 from pixelllm_jax.convert import common
 from pixelllm_jax.models import t5 as t5_model
-from pixelllm_jax.models.pixel_llm import PixelLLM, PixelLLMConfig
+from pixelllm_jax.model import PixelLLMModel
+from pixelllm_jax.models.pixel_llm import PixelLLMConfig
 
 T5_FORMATS = ("hf", "t5x")
 SAM_FORMATS = ("auto", "original", "hf")
@@ -99,30 +95,12 @@ class Assembled:
 # ---- the model's shapes ------------------------------------------------------------------------
 
 
-def abstract_batch(config: PixelLLMConfig, *, length: int = 8, context_length: int = 8) -> Batch:
-  """A Batch of ShapeDtypeStructs (B=1, K=1, N=1) at the model's image size."""
-  size = (config.eva02 or config.sam).image_size
-  p = config.loc_head.points_per_token
-  s = jax.ShapeDtypeStruct
-  return Batch(
-      image=s((1, size, size, 3), jnp.uint8), image_valid_hw=s((1, 2), jnp.float32),
-      prompt_boxes=s((1, 1, 4), jnp.float32), prompt_index=s((1, 1), jnp.int32),
-      context_tokens=s((1, 1, context_length), jnp.int32),
-      decoder_input_tokens=s((1, 1, length), jnp.int32),
-      decoder_target_tokens=s((1, 1, length), jnp.int32),
-      decoder_loss_weights=s((1, 1, length), jnp.float32),
-      point_targets=s((1, 1, length, p, 2), jnp.float32),
-      point_weights=s((1, 1, length), jnp.float32), task_ids=s((1, 1), jnp.int32))
-
-
-def abstract_params(model: PixelLLM) -> dict[str, Any]:
+def abstract_params(model: PixelLLMModel) -> dict[str, Any]:
   """The composer's params as a nested dict of ShapeDtypeStructs (nothing allocated)."""
-  variables = jax.eval_shape(model.init, {"params": jax.random.key(0)},
-                             abstract_batch(model.config))
-  return nn.meta.unbox(variables)["params"]
+  return nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), model.abstract_batch()))
 
 
-def model_shapes(model: PixelLLM) -> dict[str, tuple[int, ...]]:
+def model_shapes(model: PixelLLMModel) -> dict[str, tuple[int, ...]]:
   """Flat {'sub/…/leaf': shape} of the composer's params."""
   return {p: tuple(x.shape) for p, x in common.flatten_params(abstract_params(model)).items()}
 
@@ -235,7 +213,7 @@ def add_fresh_lora(t5_params: Mapping[str, Any], t5_shapes: Mapping[str, tuple[i
 # ---- the whole thing ---------------------------------------------------------------------------
 
 
-def assemble(model: PixelLLM, sources: Sources, *, seed: int = 0) -> Assembled:
+def assemble(model: PixelLLMModel, sources: Sources, *, seed: int = 0) -> Assembled:
   """Converts every given source into the composer's trees, checked, with fresh LoRA."""
   cfg = model.config
   shapes = model_shapes(model)

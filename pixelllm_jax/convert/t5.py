@@ -91,7 +91,7 @@ def _transpose(w: np.ndarray) -> np.ndarray:
 
 def t5_expected_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
   """Flat {path: shape} of the base (LoRA-free) `T5(config)` params."""
-  base = dataclasses.replace(config, lora=LoraConfig(rank=0))  # explicit: gin may bind LoraConfig.rank
+  base = dataclasses.replace(config, lora=LoraConfig(rank=0))
   return common.expected_shapes(
       t5_model.T5(base), jnp.zeros((1, 1, config.d_model)), jnp.ones((1, 1), bool),
       jnp.zeros((1, 1), jnp.int32))

@@ -1,12 +1,12 @@
 """Canvas resize/pad and seeded training augmentation of builder records.
 
 Augmentation works on the decoded *record* (docs/DATA_FORMATS.md), before the
-slot functions of `tasks.py` tokenize anything. Every slot is then built from
+slot functions of `pixelllm_jax/tasks/` tokenize anything. Every slot is then built from
 the augmented record, so prompts, contexts ("where is <expr>"), targets and
 localization targets stay in step by construction: an object or region that
 the crop removes takes its expressions/phrase with it, and a flip swaps
 left/right words in the text the contexts and targets are encoded from.
-This fixes the official faults (official-pixelllm.md 5.2 / 8): crops that drop
+This fixes the official faults (docs/DESIGN.md, "Official code"): crops that drop
 boxes but keep their contexts, flips that do not swap left/right, unseeded
 random ops.
 
@@ -52,9 +52,10 @@ import dataclasses
 import re
 from typing import NamedTuple
 
-import gin
 import numpy as np
 from PIL import Image
+
+from pixelllm_jax.data import trace
 
 # The one list of mirrored words; each pair is swapped both ways, case kept.
 LEFT_RIGHT_WORDS = (
@@ -84,7 +85,6 @@ def swap_left_right(text):
   return _SWAP_RE.sub(_swap_word, str(text))
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """Training augmentation of one source (module docstring). Defaults: scale 1."""
@@ -102,15 +102,6 @@ class AugmentConfig:
       raise ValueError(f"max_scale > 1 needs crop=True (the image would exceed the canvas): {self}")
     if not 0 <= self.flip_prob <= 1 or not 0 <= self.min_visible_fraction <= 1:
       raise ValueError(f"flip_prob and min_visible_fraction must be in [0, 1]: {self}")
-
-
-# The official per-dataset settings (official-pixelllm.md 5.2), by task.
-OFFICIAL = {
-    "refer": AugmentConfig(0.75, 1.25, crop=True),
-    "loca": AugmentConfig(0.1, 2.0, crop=True, flip=True),       # Visual Genome
-    "trace": AugmentConfig(1.0, 1.0),                             # Localized Narratives
-    "caption": AugmentConfig(0.75, 1.25, crop=True),              # COCO captions
-}
 
 
 class Params(NamedTuple):
@@ -234,7 +225,8 @@ def _fields(table: dict, keep: np.ndarray) -> dict:
   return {k: _select(v if isinstance(v, np.ndarray) else list(v), keep) for k, v in table.items()}
 
 
-def _refer(record: dict, coords: _Coords, params: Params, min_fraction: float) -> dict:
+def move_objects(record: dict, coords: _Coords, params: Params, min_fraction: float) -> dict:
+  """A referring record: objects (boxes, masks) moved, dropped ones take their expressions."""
   objects = dict(record["objects"])
   objects["box"], keep = _move_boxes(objects["box"], coords, min_fraction)
   objects = _fields(objects, keep)
@@ -249,7 +241,8 @@ def _refer(record: dict, coords: _Coords, params: Params, min_fraction: float) -
   return {**record, "objects": objects, "expressions": expressions}
 
 
-def _loca(record: dict, coords: _Coords, params: Params, min_fraction: float) -> dict:
+def move_regions(record: dict, coords: _Coords, params: Params, min_fraction: float) -> dict:
+  """A region-caption record: region boxes moved, dropped ones take their phrases."""
   regions = dict(record["regions"])
   regions["box"], keep = _move_boxes(regions["box"], coords, min_fraction)
   regions = _fields(regions, keep)
@@ -257,9 +250,10 @@ def _loca(record: dict, coords: _Coords, params: Params, min_fraction: float) ->
   return {**record, "regions": regions}
 
 
-def _narrative(record: dict, coords: _Coords, params: Params) -> dict:
-  from pixelllm_jax.data import tasks  # tasks imports nothing from here
-
+def move_narrative(record: dict, coords: _Coords, params: Params, min_fraction: float) -> dict:
+  """A narrative / caption record: captions flipped, utterance points and boxes moved
+  (`min_fraction` unused: utterances are never dropped, only marked out of view)."""
+  del min_fraction
   out = dict(record)
   if "caption" in record:
     caption = record["caption"]
@@ -269,7 +263,7 @@ def _narrative(record: dict, coords: _Coords, params: Params) -> dict:
       out["caption"] = _texts(list(caption), params.flip)
   if "utterances" not in record:
     return out
-  valid = tasks.utterance_valid(record)  # decided on the source, before coordinates move
+  valid = trace.utterance_valid(record)  # decided on the source, before coordinates move
   num = len(valid)
   boxes = coords.boxes(np.asarray(record["utterance_boxes"], np.float32).reshape(num, 4))
   points = coords.points(np.asarray(record["utterance_points"], np.float32).reshape(num, 2))
@@ -282,17 +276,19 @@ def _narrative(record: dict, coords: _Coords, params: Params) -> dict:
   out["utterance_points"] = np.clip(points, 0.0, 1.0) if not coords.identity else points
   out["utterances"] = _texts(list(record["utterances"]), params.flip)
   if "trace" in record:
-    trace = np.asarray(record["trace"], np.float32).reshape(-1, 3)
-    out["trace"] = np.concatenate([coords.points(trace[:, :2]), trace[:, 2:]], -1)
+    trace_Tx3 = np.asarray(record["trace"], np.float32).reshape(-1, 3)
+    out["trace"] = np.concatenate([coords.points(trace_Tx3[:, :2]), trace_Tx3[:, 2:]], -1)
   return out
 
 
-def transform_record(record: dict, task: str, *, canvas: int, augment: AugmentConfig | None,
+def transform_record(record: dict, task, *, canvas: int, augment: AugmentConfig | None,
                      train: bool, rng: np.random.Generator | None = None
                      ) -> tuple[dict, np.ndarray]:
   """(record with its image on the canvas and annotations moved, valid_hw float32[2]).
 
-  Draws `sample_params` from `rng` (needed with `augment`) and applies them.
+  `task` is the record's `tasks.Task` (its `move_annotations` moves the
+  annotations). Draws `sample_params` from `rng` (needed with `augment`) and
+  applies them.
   """
   h, w = np.shape(record["image"])[:2]
   params = sample_params(h, w, canvas, augment, train=train, rng=rng)
@@ -300,7 +296,7 @@ def transform_record(record: dict, task: str, *, canvas: int, augment: AugmentCo
   return apply_params(record, task, params, canvas=canvas, min_visible_fraction=min_fraction)
 
 
-def apply_params(record: dict, task: str, params: Params, *, canvas: int,
+def apply_params(record: dict, task, params: Params, *, canvas: int,
                  min_visible_fraction: float = 0.0) -> tuple[dict, np.ndarray]:
   """`transform_record` for a given draw. The returned record's `image` is
   uint8[canvas, canvas, 3] (padded bottom/right); its coordinates are
@@ -311,14 +307,6 @@ def apply_params(record: dict, task: str, params: Params, *, canvas: int,
     raise ValueError(f"window {ch}x{cw} exceeds the canvas {canvas}: {params}")
   padded = np.zeros((canvas, canvas, 3), np.uint8)
   padded[:ch, :cw] = pixels
-  coords = _Coords(params)
-  if task == "refer":
-    out = _refer(record, coords, params, min_visible_fraction)
-  elif task == "loca":
-    out = _loca(record, coords, params, min_visible_fraction)
-  elif task in ("trace", "caption"):
-    out = _narrative(record, coords, params)
-  else:
-    raise ValueError(f"no augmentation for task {task!r}")
+  out = task.move_annotations(record, _Coords(params), params, min_visible_fraction)
   out["image"] = padded
   return out, np.array([ch / canvas, cw / canvas], np.float32)

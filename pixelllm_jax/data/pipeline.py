@@ -8,7 +8,7 @@ example is a dict with exactly its fields, without the batch dim.
 Choices:
 - Slots with identical prompt boxes share one prompt (the prompt path runs once
   per distinct box, not once per slot as in the official code, which
-  recomputed the full-image prompt 16 times; official-pixelllm.md 8.14).
+  recomputed the full-image prompt 16 times).
 - Training: per source, records are sharded per host, shuffled with a seed
   and repeated forever (reshuffled each epoch); sources are interleaved by
   `grain.MapDataset.mix` (deterministic, proportional to the weights); each
@@ -17,8 +17,7 @@ Choices:
   index: same seed, same batches, and the grain iterator state (one index)
   resumes exactly. By default batches are whole mixed examples, so one batch
   can hold several tasks.
-- `homogeneous=True` is the official mixing instead (official-pixelllm.md
-  5.2): each source is batched on its own and whole batches are mixed, so a
+- `homogeneous=True` is the official mixing instead: each source is batched on its own and whole batches are mixed, so a
   batch holds one task and may have that task's own `TaskShape` (slots,
   prompts, text lengths): a referring batch need not carry a narrative's 32
   decoder positions, nor a narrative batch three empty slots. Slot subsets
@@ -47,10 +46,10 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import grain
 import numpy as np
 
-from pixelllm_jax.batch import EMPTY_SLOT, TASK_ID, shift_right
+from pixelllm_jax import tasks
+from pixelllm_jax.batch import EMPTY_SLOT, shift_right
 from pixelllm_jax.data import augment as augment_lib
-from pixelllm_jax.data import tasks
-from pixelllm_jax.data.tasks import Slot, TaskConfig, TextEncoder
+from pixelllm_jax.tasks import Slot, TaskConfig, TextEncoder
 
 
 class TaskShape(NamedTuple):
@@ -102,7 +101,7 @@ def pack_example(image: np.ndarray, slots: Sequence[Slot], *, num_prompts: int,
     prompt_of_key.setdefault(_prompt_key(slot), len(prompt_of_key))
   if len(prompt_of_key) > num_prompts:
     raise ValueError(f"{len(prompt_of_key)} distinct prompt boxes do not fit num_prompts={num_prompts}")
-  prompt_boxes = np.tile(tasks.FULL_IMAGE_BOX, (num_prompts, 1))
+  prompt_boxes = np.tile(tasks.base.FULL_IMAGE_BOX, (num_prompts, 1))
   for key, k in prompt_of_key.items():
     prompt_boxes[k] = key
 
@@ -126,7 +125,7 @@ def pack_example(image: np.ndarray, slots: Sequence[Slot], *, num_prompts: int,
     out["decoder_loss_weights"][n] = slot.loss_weights
     out["point_targets"][n] = slot.point_targets
     out["point_weights"][n] = slot.point_weights
-    out["task_ids"][n] = TASK_ID[slot.task]
+    out["task_ids"][n] = tasks.TASK_ID[slot.task]
   return {
       "image": image,
       "image_valid_hw": (np.ones(2, np.float32) if image_valid_hw is None
@@ -198,7 +197,7 @@ class _TrainExample:
     if self.canvas_size is not None:
       augment_rng = np.random.default_rng([*self.key, index, 1])
       record, valid_hw = augment_lib.transform_record(
-          source_record, task, canvas=self.canvas_size, augment=augment, train=True,
+          source_record, tasks.get(task), canvas=self.canvas_size, augment=augment, train=True,
           rng=augment_rng)
     slots = tasks.make_slots(task, record, self.tokenizer, self.config)
     rng = np.random.default_rng([*self.key, index])
@@ -255,8 +254,7 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
   per_source, weights = [], []
   for i, source in enumerate(sources):
     task, data_source, weight, augment, shape = TaskSource(*source)
-    if task not in tasks.SLOT_FNS:
-      raise ValueError(f"unknown task {task!r}; known: {sorted(tasks.SLOT_FNS)}")
+    tasks.get(task)  # an unknown task fails here, naming the known ones
     if augment is not None and canvas_size is None:
       raise ValueError(f"source {i} ({task}) is augmented: give canvas_size")
     if shape is not None and not homogeneous:
@@ -321,8 +319,9 @@ def eval_batches(task_name: str, data_source, tokenizer: TextEncoder, task_confi
     record = source_record = data_source[index]
     valid_hw = None
     if canvas_size is not None:
-      record, valid_hw = augment_lib.transform_record(record, task_name, canvas=canvas_size,
-                                                      augment=None, train=False)
+      record, valid_hw = augment_lib.transform_record(record, tasks.get(task_name),
+                                                      canvas=canvas_size, augment=None,
+                                                      train=False)
     slots = tasks.make_slots(task_name, record, tokenizer, task_config)
     image = np.asarray(record["image"])
     for row in rows_of_slots(slots, num_slots, num_prompts):

@@ -1,87 +1,89 @@
-"""Which prepared dataset feeds which task, configured from gin.
+"""Which prepared dataset feeds which task, and the training stream built from them.
 
-Each task reads one tfds builder (DESIGN.md section 3); the same builders read
-the generated world (config 'world') and the real datasets (other configs).
-Builders are prepared once into `data_dir` (array_record) and then served by
-random-access data sources.
+Each task reads one tfds builder (its `Task.builder`, docs/DATA_FORMATS.md;
+`DataConfig.task_builders` routes a task to another, e.g. captions from
+`coco_captions`); the same builders read the generated world (config 'world')
+and the real datasets (other configs). Builders are prepared once into
+`data_dir` (array_record) and then served by random-access data sources.
 """
+import dataclasses
 import os
 
-import gin
 import jax
 from jax.experimental import multihost_utils
 
-from pixelllm_jax.batch import TASKS
-from pixelllm_jax.data import augment as augment_lib
+from pixelllm_jax import tasks
 from pixelllm_jax.data import pipeline
 from pixelllm_jax.data.builders import common
-from pixelllm_jax.data.tasks import TaskConfig
 from pixelllm_jax.data.tokenizer import Tokenizer
 
-# task -> tfds builder name.
-BUILDER_OF_TASK = {
-    "caption": "localized_narratives",
-    "trace": "localized_narratives",
-    "refer": "refer",
-    "loca": "vg_densecap",
-}
+WORLD_BUILDER_CONFIGS = (("localized_narratives", "world"), ("refer", "world"),
+                         ("vg_densecap", "world"))
 
 
-@gin.configurable
-def dataset_dirs(manual_dir: str = gin.REQUIRED, data_dir: str | None = None,
-                 builder_configs: tuple[tuple[str, str], ...] = (
-                     ("localized_narratives", "world"), ("refer", "world"),
-                     ("vg_densecap", "world"))):
-  """(manual_dir, data_dir, {builder: config}); data_dir defaults to manual_dir/tfds."""
-  return manual_dir, data_dir or os.path.join(manual_dir, "tfds"), dict(builder_configs)
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where a run's data lives and how it is read.
 
-
-@gin.configurable
-def task_builders(overrides: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
-  """task -> builder name: BUILDER_OF_TASK with gin overrides, e.g.
-  `task_builders.overrides = (('caption', 'coco_captions'),)` for COCO Karpathy captions."""
-  mapping = dict(BUILDER_OF_TASK)
-  for task, builder in overrides:
-    if task not in mapping:
-      raise ValueError(f"task_builders: unknown task {task!r}; known: {sorted(mapping)}")
-    mapping[task] = builder
-  return mapping
-
-
-def data_source(task: str, split: str):
-  """The random-access source of `task`'s builder for `split` (prepared on first use).
-
-  Multi-host: process 0 prepares while the others wait at a barrier, then they
-  reuse its files (a shared `data_dir`) or prepare their own (a local one).
+  manual_dir: the tfds manual dir holding the official files (and images).
+  data_dir: where prepared builders go (default: manual_dir/tfds).
+  builder_configs: (builder, config) pairs: which config of each builder to read.
+  task_builders: (task, builder) overrides of a task's own `Task.builder`.
+  tokenizer_path: the sentencepiece model (default: manual_dir/spiece.model,
+    where the world generator writes it); real runs give T5's `spiece.model`.
+  extra_ids: T5 sentinel ids appended after the model's pieces (T5: 100).
   """
-  manual_dir, data_dir, configs = dataset_dirs()
-  builder_name = task_builders()[task]
-  config_name = configs[builder_name]
-  barrier = f"prepare {builder_name}/{config_name} in {data_dir}"
-  multi_host, first = jax.process_count() > 1, jax.process_index() == 0
-  if multi_host and not first:
-    multihost_utils.sync_global_devices(barrier)
-  try:
-    builder = common.prepare(builder_name, config_name, manual_dir, data_dir)
-  finally:  # on failure too, so the others go on to the same error rather than hang
-    if multi_host and first:
+  manual_dir: str
+  data_dir: str | None = None
+  builder_configs: tuple[tuple[str, str], ...] = WORLD_BUILDER_CONFIGS
+  task_builders: tuple[tuple[str, str], ...] = ()
+  tokenizer_path: str | None = None
+  extra_ids: int = 100
+
+  def __post_init__(self):
+    for field in ("builder_configs", "task_builders"):
+      object.__setattr__(self, field, tuple(tuple(pair) for pair in getattr(self, field)))
+    tasks.check_names([task for task, _ in self.task_builders], "DataConfig.task_builders")
+
+  @property
+  def prepared_dir(self) -> str:
+    return self.data_dir or os.path.join(self.manual_dir, "tfds")
+
+  def builder_of(self, task: str) -> str:
+    """The tfds builder that feeds `task`."""
+    return dict(self.task_builders).get(task, tasks.get(task).builder)
+
+  def tokenizer(self) -> Tokenizer:
+    path = self.tokenizer_path or os.path.join(self.manual_dir, "spiece.model")
+    return Tokenizer.from_file(path, extra_ids=self.extra_ids)
+
+  def data_source(self, task: str, split: str):
+    """The random-access source of `task`'s builder for `split` (prepared on first use).
+
+    Multi-host: process 0 prepares while the others wait at a barrier, then they
+    reuse its files (a shared `data_dir`) or prepare their own (a local one).
+    """
+    builder_name = self.builder_of(task)
+    configs = dict(self.builder_configs)
+    if builder_name not in configs:
+      raise ValueError(f"task {task!r} reads builder {builder_name!r}, which "
+                       f"DataConfig.builder_configs {self.builder_configs} gives no config")
+    config_name = configs[builder_name]
+    barrier = f"prepare {builder_name}/{config_name} in {self.prepared_dir}"
+    multi_host, first = jax.process_count() > 1, jax.process_index() == 0
+    if multi_host and not first:
       multihost_utils.sync_global_devices(barrier)
-  return builder.as_data_source(split)
+    try:
+      builder = common.prepare(builder_name, config_name, self.manual_dir, self.prepared_dir)
+    finally:  # on failure too, so the others go on to the same error rather than hang
+      if multi_host and first:
+        multihost_utils.sync_global_devices(barrier)
+    return builder.as_data_source(split)
 
 
-@gin.configurable
-def tokenizer(path: str | None = None, extra_ids: int = 100) -> Tokenizer:
-  """The sentencepiece model at `path` (default: `spiece.model` in the manual dir,
-  where the world generator writes it). Real runs give the T5 `spiece.model`."""
-  if path is None:
-    path = os.path.join(dataset_dirs()[0], "spiece.model")
-  return Tokenizer.from_file(path, extra_ids=extra_ids)
-
-
-@gin.configurable
-def train_data(*, mixture: tuple[tuple[str, float], ...] = gin.REQUIRED, split: str = "train",
-               batch_size: int = gin.REQUIRED, num_slots: int = gin.REQUIRED,
-               num_prompts: int = gin.REQUIRED, seed: int = 0, num_threads: int = 0,
+def train_data(*, data: DataConfig, task_config: tasks.TaskConfig,
+               mixture: tuple[tuple[str, float], ...], batch_size: int, num_slots: int,
+               num_prompts: int, split: str = "train", seed: int = 0, num_threads: int = 0,
                canvas_size: int | None = None, augment: str | None = None,
                homogeneous: bool = False,
                task_shapes: tuple[tuple[str, int, int, int, int], ...] = ()):
@@ -90,8 +92,8 @@ def train_data(*, mixture: tuple[tuple[str, float], ...] = gin.REQUIRED, split: 
   `batch_size` is global; each process reads `batch_size / process_count`.
   `canvas_size`: resize (long side) and pad images to a square canvas (needed
   for datasets whose images differ in size, and for augmentation).
-  `augment`: None, or 'official' for the official per-dataset augmentation
-  (`augment.OFFICIAL`: jitter + crop for refer/caption, + flip for loca).
+  `augment`: None, or 'official' for each task's official augmentation
+  (`Task.official_augment`: jitter + crop for refer/caption, + flip for loca).
   `homogeneous`: one task per batch, whole batches mixed (the official mixing).
   `task_shapes`: (task, num_slots, num_prompts, max_target_len,
   max_context_len) per task that does not use the shared shape (needs
@@ -101,19 +103,19 @@ def train_data(*, mixture: tuple[tuple[str, float], ...] = gin.REQUIRED, split: 
   """
   if augment not in (None, "official"):
     raise ValueError(f"train_data.augment must be None or 'official', got {augment!r}")
-  augment_of = augment_lib.OFFICIAL if augment == "official" else {}
+  tasks.check_names([task for task, _ in mixture], "train_data.mixture")
   count = jax.process_count()
   if batch_size % count:
     raise ValueError(f"batch_size {batch_size} not divisible by {count} processes")
   shape_of = {task: pipeline.TaskShape(*shape) for task, *shape in task_shapes}
-  unknown = sorted(set(shape_of) - set(TASKS))
-  if unknown:  # shapes of known tasks outside the mixture are unused (a run may narrow it)
-    raise ValueError(f"train_data.task_shapes names unknown tasks {unknown}; known: {list(TASKS)}")
-  sources = [pipeline.TaskSource(task, data_source(task, split), weight, augment_of.get(task),
-                                 shape_of.get(task))
+  # Shapes of known tasks outside the mixture are unused (a run may narrow it).
+  tasks.check_names(shape_of, "train_data.task_shapes")
+  sources = [pipeline.TaskSource(
+      task, data.data_source(task, split), weight,
+      tasks.get(task).official_augment if augment == "official" else None, shape_of.get(task))
              for task, weight in mixture]
   dataset = pipeline.make_train_dataset(
-      sources, tokenizer(), TaskConfig(), batch_size=batch_size // count,
+      sources, data.tokenizer(), task_config, batch_size=batch_size // count,
       num_slots=num_slots, num_prompts=num_prompts, seed=seed,
       shard_index=jax.process_index(), shard_count=count, num_threads=num_threads,
       canvas_size=canvas_size, homogeneous=homogeneous)

@@ -13,7 +13,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+from pixelllm_jax.batch import EOS_ID, PAD_ID, UNK_ID
+
 LOGITS_MULTIPLE = 128
 
 

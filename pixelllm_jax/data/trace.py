@@ -1,6 +1,6 @@
 """Localized Narratives trace math: utterance boxes/points and token alignment.
 
-Follows the official PixelLLM preprocessing (DESIGN.md §2, official notes §5.3):
+Follows the official PixelLLM preprocessing (docs/DESIGN.md, "Tasks"):
 
 - Offline (`utterance_boxes_and_points`): all trace segments of a narrative
   are concatenated and sorted by time; x(t), y(t) are linearly interpolated;
@@ -26,6 +26,9 @@ import numpy as np
 
 NUM_SAMPLES = 16
 _MIN_DURATION = 1e-6  # seconds; below this the time average is the plain mean
+# An utterance whose time-averaged point has no coordinate above this is
+# treated as missing (the official `center > 1e-5` check).
+_MIN_POINT = 1e-5
 
 
 def trace_array(traces: Sequence[Sequence[dict[str, Any]]]) -> np.ndarray:
@@ -149,3 +152,18 @@ def assign_utterances_to_tokens(num_tokens: int, utterance_valid: Sequence[bool]
     tok_pos_N = lo + frac_N * (hi - lo)
   nearest_N = np.argmin((tok_pos_N[:, None] - utt_pos_V[None, :]) ** 2, axis=1)
   return valid_idx[nearest_N].astype(np.int32)
+
+
+def utterance_valid(record: dict) -> np.ndarray:
+  """bool[U]: non-empty utterances of a builder record whose time-averaged point is not missing.
+
+  An augmented record carries `utterance_valid` (decided before its points
+  moved: a point moved to (0, 0) by a crop is not "missing"), used as is.
+  """
+  if "utterance_valid" in record:
+    return np.asarray(record["utterance_valid"], bool).reshape(len(record["utterances"]))
+  words = [(u.decode("utf-8") if isinstance(u, bytes) else str(u)).strip()
+           for u in record["utterances"]]
+  points = np.asarray(record["utterance_points"], np.float32).reshape(len(words), 2)
+  finite = np.isfinite(points).all(-1)
+  return np.array([bool(w) for w in words], bool) & finite & (points.max(-1, initial=0) > _MIN_POINT)

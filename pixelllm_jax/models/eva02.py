@@ -45,12 +45,11 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixelllm_jax import layers
+from pixelllm_jax import layers, partitioning
 from pixelllm_jax.models import pos_embed as pos_embed_lib
 from pixelllm_jax.models import resize
 
@@ -60,7 +59,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class EVA02Config:
   """EVA02 ViT sizes. Paper scale (EVA02-L/14 at 384): width 1024, depth 24,
@@ -75,13 +73,14 @@ class EVA02Config:
   rope_ref_grid: int | None = None  # None: RoPE positions are plain indices (PixelLLM)
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str = "none"               # partitioning.RematPolicy modes: 'none', 'block', ...
   # 'sincos' (2-D sine-cosine start) or 'normal' (the reference init); only
   # matters when training from scratch: imported weights overwrite it.
   pos_embed_init: str = "sincos"
 
   def __post_init__(self):
     pos_embed_lib.check_init(self.pos_embed_init, "EVA02Config")
+    partitioning.check_remat(self.remat)
 
   @property
   def head_dim(self) -> int:
@@ -123,7 +122,8 @@ class Attention(nn.Module):
     def project(name, use_bias):
       y = layers.dense(cfg.width, ("embed", "joined_kv"), use_bias=use_bias,
                        dtype=cfg.dtype, name=name)(x_BTD)
-      return y.reshape(b, t, cfg.num_heads, cfg.head_dim)
+      y = y.reshape(b, t, cfg.num_heads, cfg.head_dim)
+      return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
     q, k, v = project("q_proj", True), project("k_proj", False), project("v_proj", True)
     q = jnp.concatenate([q[:, :1], apply_rope(q[:, 1:], sin_TD, cos_TD)], axis=1)
     k = jnp.concatenate([k[:, :1], apply_rope(k[:, 1:], sin_TD, cos_TD)], axis=1)
@@ -140,7 +140,7 @@ class SwiGLU(nn.Module):
     cfg = self.config
     gate = layers.dense(cfg.mlp_dim, ("embed", "mlp"), dtype=cfg.dtype, name="fc1_g")(x_BTD)
     value = layers.dense(cfg.mlp_dim, ("embed", "mlp"), dtype=cfg.dtype, name="fc1_x")(x_BTD)
-    hidden = nn.silu(gate) * value
+    hidden = nn.with_logical_constraint(nn.silu(gate) * value, ("batch", "length", "mlp"))
     hidden = layers.layer_norm(epsilon=cfg.layer_norm_eps, axis_name="mlp", dtype=cfg.dtype,
                                name="norm")(hidden)
     return layers.dense(cfg.width, ("mlp", "embed"), dtype=cfg.dtype, name="fc2")(hidden)
@@ -155,7 +155,8 @@ class Block(nn.Module):
     cfg = self.config
     norm = lambda name: layers.layer_norm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name=name)
     x_BTD = x_BTD + Attention(cfg, name="attn")(norm("norm1")(x_BTD), sin_TD, cos_TD)
-    return x_BTD + SwiGLU(cfg, name="mlp")(norm("norm2")(x_BTD))
+    x_BTD = x_BTD + SwiGLU(cfg, name="mlp")(norm("norm2")(x_BTD))
+    return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
 
 
 def resize_pos_embed(pos_embed_ND: Array, grid_hw: tuple[int, int]) -> Array:
@@ -191,7 +192,7 @@ class EVA02ViT(nn.Module):
 
     ref = None if cfg.rope_ref_grid is None else (cfg.rope_ref_grid, cfg.rope_ref_grid)
     sin, cos = (jnp.asarray(t, dtype=cfg.dtype) for t in rope_sin_cos((h, w), cfg.head_dim, ref))
-    block_cls = nn.remat(Block) if cfg.remat else Block
+    block_cls = partitioning.remat(Block, cfg.remat)
     for i in range(cfg.depth):
       x = block_cls(cfg, name=f"blocks_{i}")(x, sin, cos)
     x = layers.layer_norm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name="norm")(x)

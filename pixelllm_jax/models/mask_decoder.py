@@ -49,7 +49,6 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 
@@ -62,7 +61,6 @@ Dtype = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MaskDecoderConfig:
   """SAM mask decoder sizes (SAM's defaults for every ViT size).

@@ -1,16 +1,31 @@
 """PixelLLM composer: wires the separately tested towers into one model.
 
-Data flow (DESIGN.md section 1):
-  image -> [EVA02 ViT] and/or [SAM ViT] -> fuse (resize to the largest grid, concat)
-  prompt boxes -> SAM prompt encoder -> prompt feature extractor (learned queries,
-      two-way attention with the fused map) -> Dense + LayerNorm to the LM width
+Data flow (docs/DESIGN.md, "The model"):
+  image -> [EVA02 ViT] and/or [SAM ViT] -> per-tower maps -> fuse (resize to the
+      largest grid, concat)
+  prompt boxes (or points) -> SAM prompt encoder -> prompt feature extractor
+      (learned queries, two-way attention with the fused map) -> Dense +
+      LayerNorm to the LM width
   [visual tokens of the slot's prompt ; embedded text prompt] -> T5 encoder
   T5 decoder (teacher forced or cached) -> logits and final hidden states
   hidden states -> localization head -> P points per token
 
-The extractor runs once per distinct prompt (K per image); caption slots (N per
-image) pick their prompt through `Batch.prompt_index`. Whether the
-localization loss reaches the LM is `loc_grad_to_lm` (official: it does).
+The composer takes arrays, not the training `Batch` (pixelllm_jax/model.py
+unpacks batches): prompts may come from anywhere (a detector's proposals), and
+`image_features` keeps each tower's own map beside the fused one so heads can
+read them (a mask head reads SAM's). The extractor runs once per distinct
+prompt (K per image); caption slots (N per image) pick their prompt through
+`prompt_index`. Whether the localization loss reaches the LM is
+`loc_grad_to_lm` (official: it does).
+
+One canvas: `PixelLLMConfig.image_size` is the square canvas every image is
+padded to; the image towers' and the prompt encoder's sizes follow from it.
+
+Freezing: `PixelLLMConfig.frozen` names top-level submodules that do not train
+(LoRA adapters inside them still do: freezing 't5' with LoRA on trains only the
+adapters). It is the one switch: the optimizer's trainable predicate
+(`PixelLLMConfig.trainable`) derives from it, and the outputs of frozen input
+towers (image towers, prompt encoder) are cut from the backward pass.
 
 A box prompt is its two corner tokens (every paper config: the official
 `prompt_use_box_rate=1`). The official code appended three copies of SAM's
@@ -21,39 +36,55 @@ positive points spanning the box (n = 2: its 4 corners; n = 3 adds the edge
 midpoints and the centre).
 """
 import dataclasses
+from typing import Any, Sequence
 
 import flax.linen as nn
 import flax.struct
-import gin
 import jax
 import jax.numpy as jnp
 
 from pixelllm_jax import layers
-from pixelllm_jax.batch import Batch, Output
+from pixelllm_jax.batch import Output
+from pixelllm_jax.lora import is_lora_path
 from pixelllm_jax.models.eva02 import EVA02Config, EVA02ViT
 from pixelllm_jax.models.fusion import fuse_feature_maps
-from pixelllm_jax.models.loc_head import LocHead, LocHeadConfig
-from pixelllm_jax.models.prompt_encoder import PromptEncoder, PromptEncoderConfig
+from pixelllm_jax.models.heads.localization import LocHead, LocHeadConfig
+from pixelllm_jax.models.prompt_encoder import POSITIVE, PromptEncoder, PromptEncoderConfig
 from pixelllm_jax.models.prompt_extractor import PromptExtractor, PromptExtractorConfig
 from pixelllm_jax.models.sam_vit import SamViT, SamViTConfig
 from pixelllm_jax.models.t5 import T5, T5Config
 
+Array = jax.Array
 
-@gin.configurable
+# Top-level submodules (the parameter tree's first level), in data-flow order.
+SUBMODULES = ("eva02", "sam", "prompt_encoder", "extractor", "visual_proj", "t5", "loc_head")
+# Submodules whose inputs are data: when frozen, their outputs are cut from the backward pass.
+_INPUT_TOWERS = ("eva02", "sam", "prompt_encoder")
+
+
 @dataclasses.dataclass(frozen=True)
 class PixelLLMConfig:
+  """The composed model.
+
+  image_size: side of the square canvas images are padded to; the image
+    towers' `image_size` and the prompt encoder's `input_image_size` follow it.
+  frozen: top-level submodules (SUBMODULES) that do not train; LoRA adapters
+    inside a frozen submodule still train.
+  dtype: compute dtype of the composer's own layers (the visual projection).
+  """
   t5: T5Config
   prompt_encoder: PromptEncoderConfig
   extractor: PromptExtractorConfig
   loc_head: LocHeadConfig = LocHeadConfig()
   eva02: EVA02Config | None = None
   sam: SamViTConfig | None = None
-  # Stop gradients at the SAM tower's output (it is frozen in every paper config).
-  sam_frozen: bool = True
+  image_size: int = 384
+  frozen: tuple[str, ...] = ()
   loc_grad_to_lm: bool = True
   visual_proj_eps: float = 1e-5
   # 0: a box is its 2 corner tokens; n >= 2: an n x n grid of positive points over it.
   prompt_points_per_side: int = 0
+  dtype: Any = jnp.float32
 
   def __post_init__(self):
     if self.eva02 is None and self.sam is None:
@@ -61,6 +92,25 @@ class PixelLLMConfig:
     if self.prompt_points_per_side == 1 or self.prompt_points_per_side < 0:
       raise ValueError("PixelLLMConfig.prompt_points_per_side must be 0 (box corners) or >= 2, "
                        f"got {self.prompt_points_per_side}")
+    if self.image_size <= 0:
+      raise ValueError(f"PixelLLMConfig.image_size must be positive, got {self.image_size}")
+    frozen = (self.frozen,) if isinstance(self.frozen, str) else tuple(self.frozen)
+    unknown = sorted(set(frozen) - set(SUBMODULES))
+    if unknown:
+      raise ValueError(f"PixelLLMConfig.frozen names {unknown}; submodules are {SUBMODULES}")
+    object.__setattr__(self, "frozen", frozen)
+    size = self.image_size
+    object.__setattr__(self, "prompt_encoder", dataclasses.replace(
+        self.prompt_encoder, input_image_size=(size, size)))
+    for tower in ("eva02", "sam"):
+      if getattr(self, tower) is not None:
+        object.__setattr__(self, tower, dataclasses.replace(getattr(self, tower), image_size=size))
+
+  def trainable(self, path: Sequence[str]) -> bool:
+    """Whether the parameter at `path` (names below 'params') trains."""
+    if not path or path[0] not in self.frozen:
+      return True
+    return is_lora_path(path)
 
 
 def box_grid_points(boxes_x4: jax.Array, points_per_side: int) -> jax.Array:
@@ -70,6 +120,12 @@ def box_grid_points(boxes_x4: jax.Array, points_per_side: int) -> jax.Array:
   frac = jnp.stack([fx.reshape(-1), fy.reshape(-1)], axis=-1)  # [n*n, 2] (x, y)
   lo, hi = boxes_x4[..., None, :2], boxes_x4[..., None, 2:]
   return lo + frac * (hi - lo)
+
+
+@flax.struct.dataclass
+class Features:
+  maps: dict[str, jax.Array]  # each image tower's map, float32[B, h_i, w_i, C_i], by tower name
+  fused: jax.Array            # float32[B, h, w, sum C_i] on the largest grid
 
 
 @flax.struct.dataclass
@@ -83,16 +139,18 @@ class VisualProjection(nn.Module):
 
   features: int
   epsilon: float = 1e-5
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = layers.dense(self.features, ("mlp", "embed"),
+    x = layers.dense(self.features, ("mlp", "embed"), dtype=self.dtype,
                      kernel_init=nn.initializers.normal(0.02), name="dense")(x)
-    return layers.layer_norm(epsilon=self.epsilon, name="norm")(x)
+    return layers.layer_norm(epsilon=self.epsilon, dtype=self.dtype, name="norm")(x)
 
 
-@gin.configurable
 class PixelLLM(nn.Module):
+  """The composer; see the module docstring. Methods take arrays (shapes below)."""
+
   config: PixelLLMConfig
 
   def setup(self):
@@ -101,53 +159,80 @@ class PixelLLM(nn.Module):
     self.sam = SamViT(cfg.sam) if cfg.sam is not None else None
     self.prompt_encoder = PromptEncoder(cfg.prompt_encoder)
     self.extractor = PromptExtractor(cfg.extractor)
-    self.visual_proj = VisualProjection(cfg.t5.d_model, cfg.visual_proj_eps)
+    self.visual_proj = VisualProjection(cfg.t5.d_model, cfg.visual_proj_eps, dtype=cfg.dtype)
     self.t5 = T5(cfg.t5)
     self.loc_head = LocHead(cfg.loc_head)
 
-  def image_features(self, image: jax.Array) -> jax.Array:
-    """uint8[B, H, W, 3] -> float32[B, h, w, C] fused feature map."""
-    maps = []
-    if self.eva02 is not None:
-      maps.append(self.eva02(image))
-    if self.sam is not None:
-      sam_map = self.sam(image)
-      maps.append(jax.lax.stop_gradient(sam_map) if self.config.sam_frozen else sam_map)
-    return fuse_feature_maps(maps)
+  def _input_tower(self, name: str, x: jax.Array) -> jax.Array:
+    return jax.lax.stop_gradient(x) if name in self.config.frozen else x
 
-  def visual_tokens(self, batch: Batch) -> jax.Array:
-    """float32[B, K, Q, D]: LM-width visual tokens for each distinct prompt."""
-    fused = self.image_features(batch.image)
-    grid_hw = fused.shape[1:3]
+  def image_features(self, image: jax.Array) -> Features:
+    """uint8[B, H, W, 3] -> each tower's map and the fused map."""
+    maps = {}
+    if self.eva02 is not None:
+      maps["eva02"] = self._input_tower("eva02", self.eva02(image))
+    if self.sam is not None:
+      maps["sam"] = self._input_tower("sam", self.sam(image))
+    return Features(maps=maps, fused=fuse_feature_maps(list(maps.values())))
+
+  def visual_tokens(self, fused: jax.Array, image_valid_hw: jax.Array,
+                    prompt_boxes: jax.Array | None = None, prompt_points: jax.Array | None = None,
+                    prompt_labels: jax.Array | None = None) -> jax.Array:
+    """LM-width visual tokens float32[B, K, Q, D] for each of K prompts per image.
+
+    Args:
+      fused: float32[B, h, w, C], `Features.fused`.
+      image_valid_hw: float32[B, 2], the fraction of the canvas holding the image.
+      prompt_boxes: float32[B, K, 4] xyxy in [0, 1] of the image; or
+      prompt_points, prompt_labels: float32[B, K, M, 2] and int32[B, K, M]
+        (SAM labels: 1 positive, 0 negative, -1 padding).
+    """
+    if (prompt_boxes is None) == (prompt_points is None):
+      raise ValueError("visual_tokens takes prompt_boxes or prompt_points (with labels), not both")
     n = self.config.prompt_points_per_side
-    if n:
-      points = box_grid_points(batch.prompt_boxes, n)
-      prompt_tokens = self.prompt_encoder.embed_points(
-          points, jnp.ones(points.shape[:-1], jnp.int32), batch.image_valid_hw)
+    if prompt_boxes is not None and n:
+      prompt_points = box_grid_points(prompt_boxes, n)
+      prompt_labels = jnp.full(prompt_points.shape[:-1], POSITIVE, jnp.int32)
+    if prompt_points is not None:
+      prompt_tokens = self.prompt_encoder.embed_points(prompt_points, prompt_labels, image_valid_hw)
     else:
-      prompt_tokens = self.prompt_encoder.embed_boxes(batch.prompt_boxes, batch.image_valid_hw)
-    image_pe = self.prompt_encoder.dense_pe(grid_hw)
+      prompt_tokens = self.prompt_encoder.embed_boxes(prompt_boxes, image_valid_hw)
+    image_pe = self.prompt_encoder.dense_pe(fused.shape[1:3])
     dense_prompt = self.prompt_encoder.no_mask_embed()
+    prompt_tokens, image_pe, dense_prompt = (
+        self._input_tower("prompt_encoder", x) for x in (prompt_tokens, image_pe, dense_prompt))
     visual = self.extractor(fused, image_pe, prompt_tokens, dense_prompt)
     return self.visual_proj(visual)
 
-  def encode(self, batch: Batch, *, train: bool = False) -> Encoded:
-    visual_BKQD = self.visual_tokens(batch)
-    b, n, lc = batch.context_tokens.shape
+  def encode_visual(self, visual_BKQD: jax.Array, prompt_index: jax.Array,
+                    context_tokens: jax.Array, *, train: bool = False) -> Encoded:
+    """T5 encoder over [the slot's visual tokens ; its embedded text prompt].
+
+    visual_BKQD float32[B, K, Q, D]; prompt_index int32[B, N]; context_tokens int32[B, N, Lc].
+    """
+    b, n, _ = context_tokens.shape
     visual_BNQD = jnp.take_along_axis(
-        visual_BKQD, batch.prompt_index[:, :, None, None].astype(jnp.int32), axis=1)
-    context_BNLD = self.t5.embed(batch.context_tokens)
+        visual_BKQD, prompt_index[:, :, None, None].astype(jnp.int32), axis=1)
+    context_BNLD = self.t5.embed(context_tokens)
     embeds = jnp.concatenate([visual_BNQD.astype(context_BNLD.dtype), context_BNLD], axis=2)
     q = visual_BNQD.shape[2]
-    mask = jnp.concatenate(
-        [jnp.ones((b, n, q), bool), batch.context_tokens > 0], axis=2)
+    mask = jnp.concatenate([jnp.ones((b, n, q), bool), context_tokens > 0], axis=2)
     le, d = embeds.shape[2], embeds.shape[3]
     out = self.t5.encode(embeds.reshape(b * n, le, d), mask.reshape(b * n, le),
                          deterministic=not train)
     return Encoded(encoder_out=out.reshape(b, n, le, -1), encoder_mask=mask)
 
+  def encode(self, image: jax.Array, image_valid_hw: jax.Array, prompt_boxes: jax.Array,
+             prompt_index: jax.Array, context_tokens: jax.Array, *,
+             train: bool = False) -> Encoded:
+    """Image, K prompt boxes and N slots' text prompts -> the encoder side of every slot."""
+    fused = self.image_features(image).fused
+    visual = self.visual_tokens(fused, image_valid_hw, prompt_boxes)
+    return self.encode_visual(visual, prompt_index, context_tokens, train=train)
+
   def decode(self, encoded: Encoded, decoder_input_tokens: jax.Array, *,
              decode: bool = False, train: bool = False) -> Output:
+    """Decoder over int32[B, N, L] inputs (or [B, N, 1] steps with the cache)."""
     b, n, t = decoder_input_tokens.shape
     le, d = encoded.encoder_out.shape[2:]
     logits, hidden = self.t5.decode(
@@ -163,5 +248,10 @@ class PixelLLM(nn.Module):
         hidden=hidden.reshape(b, n, t, -1),
     )
 
-  def __call__(self, batch: Batch, *, train: bool = False) -> Output:
-    return self.decode(self.encode(batch, train=train), batch.decoder_input_tokens, train=train)
+  def __call__(self, image: jax.Array, image_valid_hw: jax.Array, prompt_boxes: jax.Array,
+               prompt_index: jax.Array, context_tokens: jax.Array,
+               decoder_input_tokens: jax.Array, *, train: bool = False) -> Output:
+    """Teacher-forced pass: the arrays of `batch.Batch` (same names) -> Output."""
+    encoded = self.encode(image, image_valid_hw, prompt_boxes, prompt_index, context_tokens,
+                          train=train)
+    return self.decode(encoded, decoder_input_tokens, train=train)

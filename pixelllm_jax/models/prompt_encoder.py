@@ -40,7 +40,6 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 
@@ -54,7 +53,6 @@ NEGATIVE, POSITIVE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = 0, 1, 2, 3
 NOT_A_POINT = -1
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class PromptEncoderConfig:
   """Prompt encoder size.

@@ -31,7 +31,6 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 
@@ -45,7 +44,6 @@ Dtype = Any
 FUSE_MODES = ("sparse", "dense", "sparse+dense")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class PromptExtractorConfig:
   """Prompt feature extractor size (defaults: the paper's model).

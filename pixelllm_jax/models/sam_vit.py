@@ -38,12 +38,11 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixelllm_jax import layers
+from pixelllm_jax import layers, partitioning
 from pixelllm_jax.models import pos_embed as pos_embed_lib
 from pixelllm_jax.models import resize
 
@@ -53,7 +52,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SamViTConfig:
   """SAM ViT sizes. SAM ViT-H at 384 px: width 1280, depth 32, 16 heads,
@@ -72,13 +70,14 @@ class SamViTConfig:
   resize_like_scenic: bool = False  # jax.image.resize (antialiased) instead of torch resizes
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str = "none"               # partitioning.RematPolicy modes: 'none', 'block', ...
   # 'sincos' (2-D sine-cosine start) or 'normal' (the reference init); only
   # matters when training from scratch: imported weights overwrite it.
   pos_embed_init: str = "sincos"
 
   def __post_init__(self):
     pos_embed_lib.check_init(self.pos_embed_init, "SamViTConfig")
+    partitioning.check_remat(self.remat)
 
   @property
   def head_dim(self) -> int:
@@ -130,7 +129,8 @@ class Attention(nn.Module):
     b, h, w, d = x_BHWD.shape
     qkv = layers.dense(3 * d, ("embed", "joined_kv"), dtype=cfg.dtype, name="qkv")(x_BHWD)
     qkv = qkv.reshape(b, h * w, 3, cfg.num_heads, cfg.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
+    q, k, v = (nn.with_logical_constraint(qkv[:, :, i], ("batch", "length", "heads", "kv"))
+               for i in range(3))  # [B, T, H, Dh]
     bias = None
     if cfg.use_rel_pos:
       init = layers.param_init(nn.initializers.zeros, ("relpos", "kv"))
@@ -168,9 +168,9 @@ class Block(nn.Module):
     x_BHWD = x_BHWD + y
     y = norm("norm2")(x_BHWD)
     y = layers.dense(cfg.mlp_dim, ("embed", "mlp"), dtype=cfg.dtype, name="lin1")(y)
-    y = nn.gelu(y, approximate=False)
+    y = nn.with_logical_constraint(nn.gelu(y, approximate=False), ("batch", None, None, "mlp"))
     y = layers.dense(cfg.width, ("mlp", "embed"), dtype=cfg.dtype, name="lin2")(y)
-    return x_BHWD + y
+    return nn.with_logical_constraint(x_BHWD + y, ("batch", None, None, "embed"))
 
 
 class Neck(nn.Module):
@@ -213,7 +213,7 @@ class SamViT(nn.Module):
     x = x + pos_embed.astype(x.dtype)
     x = nn.with_logical_constraint(x, ("batch", None, None, "embed"))
 
-    block_cls = nn.remat(Block) if cfg.remat else Block
+    block_cls = partitioning.remat(Block, cfg.remat)
     for i in range(cfg.depth):
       x = block_cls(cfg, is_global=i in cfg.global_blocks, name=f"blocks_{i}")(x)
     x = Neck(cfg, name="neck")(x)

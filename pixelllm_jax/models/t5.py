@@ -58,12 +58,11 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixelllm_jax import layers
+from pixelllm_jax import layers, partitioning
 from pixelllm_jax.lora import LoraConfig, LoraDense
 
 Array = jax.Array
@@ -78,7 +77,6 @@ _RELPOS_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 _EMBED_INIT = nn.initializers.normal(stddev=1.0)
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class T5Config:
   """Sizes and layout of a T5 (defaults to nothing: give every size).
@@ -87,7 +85,8 @@ class T5Config:
   tie_word_embeddings: logits from the token embedding (original T5) instead of
     a separate `logits_dense` (v1.1 / Flan).
   dtype: activation dtype; parameters stay float32.
-  remat: rematerialize each layer in the backward pass (not used while decoding).
+  remat: how each layer is rematerialized in the backward pass
+    (`partitioning.RematPolicy` modes; not while decoding with the cache).
   """
 
   vocab_size: int
@@ -105,9 +104,10 @@ class T5Config:
   tie_word_embeddings: bool = False
   lora: LoraConfig = LoraConfig()
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str = "none"               # partitioning.RematPolicy modes: 'none', 'block', ...
 
   def __post_init__(self):
+    partitioning.check_remat(self.remat)
     if self.feed_forward not in FEED_FORWARDS:
       raise ValueError(
           f"T5Config.feed_forward must be one of {FEED_FORWARDS}, got {self.feed_forward!r}")
@@ -130,7 +130,6 @@ T5_1_1_SIZES = {
 }
 
 
-@gin.configurable
 def t5_1_1_config(size: str = "xl", **overrides: Any) -> T5Config:
   """A T5 v1.1 / Flan-T5 config (gated-GELU, untied logits); PixelLLM uses 'xl'.
 
@@ -253,9 +252,9 @@ class Attention(nn.Module):
     q = self._proj(joined, ("embed", "joined_kv"), "q", query_init, "query")(x_BxTxD)
     k = self._proj(joined, ("embed", "joined_kv"), "k", _ATTENTION_INIT, "key")(kv_BxSxD)
     v = self._proj(joined, ("embed", "joined_kv"), "v", _ATTENTION_INIT, "value")(kv_BxSxD)
-    q_BTHK = q.reshape(b, t, self.num_heads, self.d_kv)
-    k_BSHK = k.reshape(b, -1, self.num_heads, self.d_kv)
-    v_BSHK = v.reshape(b, -1, self.num_heads, self.d_kv)
+    q_BTHK = _heads(q.reshape(b, t, self.num_heads, self.d_kv))
+    k_BSHK = _heads(k.reshape(b, -1, self.num_heads, self.d_kv))
+    v_BSHK = _heads(v.reshape(b, -1, self.num_heads, self.d_kv))
     q_pos = jnp.arange(t)
     k_pos = jnp.arange(k_BSHK.shape[1])
 
@@ -286,8 +285,14 @@ class Attention(nn.Module):
       bias = relative_position_bias(rel_embedding_HxN, q_pos, k_pos, bidirectional=not self.causal,
                                     max_distance=self.max_distance)
     out_BTHK = layers.attend(q_BTHK, k_BSHK, v_BSHK, bias_BHTS=bias, mask_BHTS=mask, scale=1.0)
-    out = out_BTHK.reshape(b, t, joined)
-    return self._proj(d_model, ("joined_kv", "embed"), "o", _ATTENTION_INIT, "out")(out)
+    out = _heads(out_BTHK).reshape(b, t, joined)
+    out = self._proj(d_model, ("joined_kv", "embed"), "o", _ATTENTION_INIT, "out")(out)
+    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+
+def _heads(x_BTHK: Array) -> Array:
+  """Per-head activations [B, T, H, K], constrained as t5x does inside attention."""
+  return nn.with_logical_constraint(x_BTHK, ("batch", "length", "heads", "kv"))
 
 
 def _dropout(rate: float) -> nn.Dropout:
@@ -309,6 +314,7 @@ class Mlp(nn.Module):
            * dense(cfg.d_ff, ("embed", "mlp"), "wi_1")(x))
     else:
       h = nn.relu(dense(cfg.d_ff, ("embed", "mlp"), "wi")(x))
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = _dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return dense(x.shape[-1], ("mlp", "embed"), "wo")(h)
 
@@ -332,7 +338,8 @@ class EncoderLayer(nn.Module):
                   name="attention")(h, h, mask_BxT, rel_embedding_HxN, deterministic=deterministic)
     x = x_BxTxD + _dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     h = Mlp(cfg, name="mlp")(_norm(cfg, "pre_mlp_layer_norm")(x), deterministic)
-    return x + _dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    x = x + _dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
 class DecoderLayer(nn.Module):
@@ -357,7 +364,8 @@ class DecoderLayer(nn.Module):
         h, encoded_BxSxD, encoder_mask_BxS, None, deterministic=deterministic)
     y = y + dropout(h, deterministic=deterministic)
     h = Mlp(cfg, name="mlp")(_norm(cfg, "pre_mlp_layer_norm")(y), deterministic)
-    return y + dropout(h, deterministic=deterministic)
+    y = y + dropout(h, deterministic=deterministic)
+    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
 
 class Encoder(nn.Module):
@@ -370,7 +378,7 @@ class Encoder(nn.Module):
     cfg = self.config
     table = RelativePositionTable(cfg.num_heads, cfg.relative_attention_num_buckets,
                                   name="relpos_bias")()
-    layer_cls = nn.remat(EncoderLayer, static_argnums=(4,)) if cfg.remat else EncoderLayer
+    layer_cls = partitioning.remat(EncoderLayer, cfg.remat, static_argnums=(4,))
     x = _dropout(cfg.dropout_rate)(embeds_BxTxD.astype(cfg.dtype), deterministic=deterministic)
     for i in range(cfg.num_encoder_layers):
       x = layer_cls(cfg, name=f"layers_{i}")(x, mask_BxT, table, deterministic)
@@ -391,8 +399,8 @@ class Decoder(nn.Module):
     table = RelativePositionTable(cfg.num_heads, cfg.relative_attention_num_buckets,
                                   name="relpos_bias")()
     # The cache is written inside the layers, so they are never rematerialized while decoding.
-    use_remat = cfg.remat and not decode
-    layer_cls = nn.remat(DecoderLayer, static_argnums=(5, 6)) if use_remat else DecoderLayer
+    layer_cls = partitioning.remat(DecoderLayer, "none" if decode else cfg.remat,
+                                   static_argnums=(5, 6))
     dropout = _dropout(cfg.dropout_rate)
     y = dropout(self.shared_embedding(tokens_BxT), deterministic=deterministic)
     for i in range(cfg.num_decoder_layers):

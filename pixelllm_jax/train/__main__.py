@@ -2,4 +2,4 @@
 from pixelllm_jax.train import main
 
 if __name__ == "__main__":
-  main.cli()
+  main.cli_main()

@@ -1,6 +1,6 @@
 """Orbax checkpoints: the train state and the input-iterator state together.
 
-A step directory holds two items (STYLE.md item 13, the nanodo recipe):
+A step directory holds two items (the nanodo recipe):
   state/  the TrainState pytree (step, params, opt_state), StandardSave
   data/   the data iterator's `get_state()` as JSON, JsonSave
 so a resumed run continues from the same parameters *and* the same example.
@@ -8,7 +8,8 @@ Saves are asynchronous (the device->host copy happens inside `save`, so the
 donated state may be overwritten by the next step right after); call
 `wait_until_finished` before exiting. Restores go straight onto the target
 shardings, given as `jax.ShapeDtypeStruct(..., sharding=...)`, so a checkpoint
-written on one mesh restores onto another.
+written on one mesh restores onto another. `restore_params` reads the
+parameters alone (evaluation and inference need no optimizer).
 
 Separately, `save_params` / `load_params` read and write a bare params tree
 (possibly covering only some submodules), the format an importer of
@@ -20,7 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from pixelllm_jax.train import optim
+from pixelllm_jax.tree_paths import path_of
 
 STATE, DATA = "state", "data"
 
@@ -77,6 +78,50 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, shardings: Any,
   return restored[STATE], restored[DATA]
 
 
+def restore_params(directory: str, abstract_params: Any,
+                   step: int | None = None) -> tuple[int, Any]:
+  """(step, params) of the training checkpoint at `step` (default: the latest) in
+  `directory` (a model dir's `checkpoints/`), the optimizer state left unread.
+
+  `abstract_params`: the params tree of `jax.ShapeDtypeStruct`s with the target
+  shardings (any mesh); the checkpoint's params must have the same structure
+  and shapes, else ValueError naming the differences.
+  """
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory),
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()})
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      have = manager.all_steps()
+      raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} under "
+                              f"{os.path.abspath(directory)} (steps there: {list(have)})")
+    stored = manager.item_metadata(step)[STATE].tree["params"]
+    _check_same_tree(stored, abstract_params, f"{directory} step {step}")
+    target = {"params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)}))
+  finally:
+    manager.close()
+  return int(step), restored[STATE]["params"]
+
+
+def _check_same_tree(stored: Any, wanted: Any, where: str) -> None:
+  stored_leaves = {path_of(kp): meta for kp, meta in jax.tree_util.tree_leaves_with_path(stored)}
+  wanted_leaves = {path_of(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(wanted)}
+  problems = [f"missing {'/'.join(p)}" for p in sorted(set(wanted_leaves) - set(stored_leaves))]
+  problems += [f"not in the model: {'/'.join(p)}"
+               for p in sorted(set(stored_leaves) - set(wanted_leaves))]
+  problems += [f"{'/'.join(p)}: stored {tuple(stored_leaves[p].shape)}, model "
+               f"{tuple(wanted_leaves[p].shape)}"
+               for p in sorted(set(stored_leaves) & set(wanted_leaves))
+               if tuple(stored_leaves[p].shape) != tuple(wanted_leaves[p].shape)]
+  if problems:
+    raise ValueError(f"{where}: the checkpoint's parameters do not fit the model "
+                     f"({len(problems)} differences): {problems[:10]}")
+
+
 def save_params(path: str, params: Any) -> None:
   """Writes a bare params tree (blocking) to `path`, which must not exist."""
   checkpointer = ocp.StandardCheckpointer()
@@ -97,11 +142,11 @@ def load_params(path: str, params: Any, param_shardings: Any) -> Any:
   path = os.path.abspath(path)
   stored = checkpointer.metadata(path).item_metadata.tree
   stored_leaves = {
-      optim.path_of(kp): meta for kp, meta in jax.tree_util.tree_leaves_with_path(stored)
+      path_of(kp): meta for kp, meta in jax.tree_util.tree_leaves_with_path(stored)
   }
-  ours = {optim.path_of(kp): (kp, x) for kp, x in jax.tree_util.tree_leaves_with_path(params)}
+  ours = {path_of(kp): (kp, x) for kp, x in jax.tree_util.tree_leaves_with_path(params)}
   ours_sharding = {
-      optim.path_of(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(param_shardings)
+      path_of(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(param_shardings)
   }
   unknown = sorted("/".join(p) for p in stored_leaves if p not in ours)
   if unknown:
@@ -112,13 +157,13 @@ def load_params(path: str, params: Any, param_shardings: Any) -> Any:
                        f"the model wants {tuple(ours[p][1].shape)}")
 
   def target(kp, _):
-    p = optim.path_of(kp)
+    p = path_of(kp)
     x = ours[p][1]
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=ours_sharding[p])
 
   abstract = jax.tree_util.tree_map_with_path(target, stored)
   loaded = checkpointer.restore(path, abstract)
-  by_path = {optim.path_of(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(loaded)}
+  by_path = {path_of(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(loaded)}
   return jax.tree_util.tree_map_with_path(
-      lambda kp, x: by_path.get(optim.path_of(kp), x), params
+      lambda kp, x: by_path.get(path_of(kp), x), params
   )

@@ -1,23 +1,24 @@
-"""The train step and the training loop (generic over the model and the loss).
+"""The train step and the training loop (generic over the model API).
 
 - `make_train_step`: one pure step `(state, batch, rng) -> (state, metrics)`,
-  jitted once with explicit NamedShardings (state: its own shardings; every
-  batch leaf: leading axis over 'data'; rng and metrics: replicated) and the
-  state donated (nanodo / big_vision, STYLE.md item 6). The dropout key is
+  jitted once by the partitioner with explicit shardings (state: its own;
+  every batch leaf: leading axis over the batch axes; rng and metrics:
+  replicated) and the state donated (nanodo / big_vision). The dropout key is
   `fold_in(rng, state.step)`, so a run is a function of (seed, data) and a
   resumed run draws the same keys as an uninterrupted one.
-- `train`: the gin entry point. Builds the state born sharded, resumes from the
-  latest checkpoint in `model_dir` (train state *and* iterator state), logs a
-  console line and TensorBoard scalars every `log_every` steps, checkpoints
-  every `checkpoint_every` steps and at the end, and writes the operative gin
-  config to `model_dir/config.gin` after the first step.
+- `train`: builds the state born sharded, resumes from the latest checkpoint in
+  `model_dir` (train state *and* iterator state), logs a console line and
+  TensorBoard scalars every `log_every` steps, checkpoints every
+  `checkpoint_every` steps and at the end.
 
 Contracts:
-  model.apply({'params': p}, batch: Batch, train=True, rngs={'dropout': key}) -> Output
-  loss_fn(output: Output, batch: Batch) -> (float32[] loss, {name: float32[]});
-    a metric `name` with a companion `batch.COUNT_PREFIX + name` (its token
-    count) is averaged over a logging window weighted by that count (left out
-    of a window where the count is 0); other metrics are averaged per step.
+  model: a `model.BaseModel`; `model.loss(params, batch, rng) -> (float32[] loss,
+    {name: float32[]})`. A metric `name` with a companion `batch.COUNT_PREFIX +
+    name` (its token count) is averaged over a logging window weighted by that
+    count (left out of a window where the count is 0); other metrics are
+    averaged per step. `model.trainable(path)` decides what trains.
+  optimizer: the transformation of the trainable leaves (`optim.make_optimizer`);
+    the loop adds the freezing (`optim.with_frozen`).
   train_data: iterator of Batch (or dicts of Batch fields) of numpy arrays, the
     per-process share of the global batch, with `get_state()` (JSON-able) and
     `set_state(state)`.
@@ -28,21 +29,17 @@ import os
 import time
 from typing import Any, Callable, Iterator, Mapping
 
-import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from pixelllm_jax import sharding
-from pixelllm_jax.batch import COUNT_PREFIX, Batch, Output
+from pixelllm_jax.batch import COUNT_PREFIX, Batch
+from pixelllm_jax.model import BaseModel
+from pixelllm_jax.partitioning import Partitioner
 from pixelllm_jax.train import checkpoint as ckpt
-from pixelllm_jax.train import metrics_writer
+from pixelllm_jax.train import metrics_writer, optim
 from pixelllm_jax.train import state as state_lib
 
-LossFn = Callable[[Output, Batch], tuple[jax.Array, Mapping[str, jax.Array]]]
 TrainStep = Callable[[state_lib.TrainState, Batch, jax.Array],
                      tuple[state_lib.TrainState, dict[str, jax.Array]]]
 
@@ -51,49 +48,21 @@ def as_batch(example: Batch | Mapping[str, Any]) -> Batch:
   return example if isinstance(example, Batch) else Batch(**example)
 
 
-def shard_batch(batch: Batch | Mapping[str, Any], mesh: Mesh) -> Batch:
-  """Per-process numpy leaves -> global arrays, leading axis over 'data'."""
-  spec = NamedSharding(mesh, P("data"))
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(spec, np.asarray(x)), as_batch(batch)
-  )
-
-
-def auto_axes(mesh: Mesh) -> Mesh:
-  """The same devices with every axis `Auto`.
-
-  Linen's logical constraints (`nn.with_logical_constraint`) are sharding
-  *hints*, which need Auto axes; `jax.make_mesh` defaults to Explicit axes in
-  recent jax, where a constraint becomes an assertion and init fails.
-  """
-  if all(t == AxisType.Auto for t in mesh.axis_types):
-    return mesh
-  return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-
-
-def make_train_step(
-    model: nn.Module,
-    loss_fn: LossFn,
-    optimizer: optax.GradientTransformation,
-    *,
-    mesh: Mesh,
-    state_shardings: state_lib.TrainState,
-) -> TrainStep:
-  """The jitted, donated train step on `mesh`.
+def make_train_step(model: BaseModel, optimizer: optax.GradientTransformation, *,
+                    partitioner: Partitioner,
+                    state_shardings: state_lib.TrainState) -> TrainStep:
+  """The jitted, donated train step.
 
   The returned callable takes (state, batch, rng) where batch is a Batch of
-  global arrays (see `shard_batch`) and rng the run's train key; it returns
-  the new state and `{'loss': ..., **loss_metrics}` as replicated scalars.
+  global arrays (`partitioner.shard_batch`) and rng the run's train key; it
+  returns the new state and `{'loss': ..., **loss_metrics}` as replicated scalars.
+  `optimizer` is used as given (freezing included).
   """
 
   def step(state: state_lib.TrainState, batch: Batch, rng: jax.Array):
     dropout_rng = jax.random.fold_in(rng, state.step)
-
-    def compute_loss(params):
-      output = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_rng})
-      return loss_fn(output, batch)
-
-    (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda params: model.loss(params, batch, dropout_rng), has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         step=state.step + 1,
@@ -102,20 +71,13 @@ def make_train_step(
     )
     return new_state, {**metrics, "loss": loss}
 
-  replicated = sharding.replicated(mesh)
-  jitted = jax.jit(
+  replicated = partitioner.replicated
+  return partitioner.jit(
       step,
-      in_shardings=(state_shardings, NamedSharding(mesh, P("data")), replicated),
+      in_shardings=(state_shardings, partitioner.batch_sharding(), replicated),
       out_shardings=(state_shardings, replicated),
       donate_argnums=0,
   )
-
-  def run(state, batch, rng):
-    # Rules and mesh are read at trace time by the model's logical constraints.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.AXIS_RULES):
-      return jitted(state, batch, rng)
-
-  return run
 
 
 @dataclasses.dataclass
@@ -154,15 +116,6 @@ class _Window:
     return out
 
 
-def write_operative_config(model_dir: str) -> None:
-  """Writes the gin config that was actually used to `model_dir/config.gin`."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(model_dir, exist_ok=True)
-  with open(os.path.join(model_dir, "config.gin"), "w") as f:
-    f.write(gin.operative_config_str())
-
-
 def _peek(train_data) -> Batch:
   """The next batch's shapes, without consuming it."""
   saved = train_data.get_state()
@@ -195,39 +148,43 @@ def write_summary(model_dir: str, step: int, seconds: float, metrics: Mapping[st
                "last_metrics": {k: float(v) for k, v in metrics.items()}}, f, indent=1)
 
 
-@gin.configurable
 def train(
     *,
-    model_dir: str = gin.REQUIRED,
-    model: nn.Module = gin.REQUIRED,
-    loss_fn: LossFn = gin.REQUIRED,
-    train_data: Iterator[Batch] = gin.REQUIRED,
-    num_steps: int = gin.REQUIRED,
-    optimizer: optax.GradientTransformation = gin.REQUIRED,
-    mesh: Mesh | None = None,
+    model_dir: str,
+    model: BaseModel,
+    train_data: Iterator[Batch],
+    num_steps: int,
+    optimizer: optax.GradientTransformation,
+    partitioner: Partitioner | None = None,
     seed: int = 0,
     log_every: int = 50,
     checkpoint_every: int = 1000,
     keep_checkpoints: int | None = 3,
     init_checkpoint: str | None = None,
+    after_first_step: Callable[[str], None] | None = None,
 ) -> TrainResult:
   """Trains `model` for `num_steps` total steps (resuming if `model_dir` has a checkpoint).
 
   Args:
-    model_dir: checkpoints (model_dir/checkpoints), TensorBoard events
-      (model_dir/train) and config.gin go here.
-    mesh: default `sharding.make_mesh()` (all devices, gin-configurable).
+    model_dir: checkpoints (model_dir/checkpoints) and TensorBoard events
+      (model_dir/train) go here.
+    partitioner: mesh and rules (default: all devices, rule set 'dp').
     seed: init key `split(key(seed))[0]`, dropout keys from `split(...)[1]`.
     init_checkpoint: a bare params tree (`checkpoint.save_params`) loaded over
       the fresh init; ignored when `model_dir` already has a checkpoint.
+    after_first_step: called with `model_dir` once the first step ran (the
+      command line writes the operative gin config there).
 
   Returns:
     TrainResult with the final state, the last window's averaged metrics and
     the loop's wall-clock seconds.
   """
-  mesh = auto_axes(sharding.make_mesh() if mesh is None else mesh)
+  partitioner = Partitioner() if partitioner is None else partitioner
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
-  spec = state_lib.state_spec(model, _peek(train_data), optimizer, mesh)
+  first_batch = _peek(train_data)
+  model.check_batch(first_batch)
+  optimizer = optim.with_frozen(optimizer, model.trainable)
+  spec = state_lib.state_spec(model, first_batch, optimizer, partitioner)
   shardings = spec.shardings
   manager = ckpt.make_manager(os.path.join(model_dir, "checkpoints"),
                               max_to_keep=keep_checkpoints)
@@ -243,20 +200,21 @@ def train(
           params=ckpt.load_params(init_checkpoint, state.params, shardings.params))
       print(f"Loaded initial params from {init_checkpoint}", flush=True)
 
-  train_step = make_train_step(model, loss_fn, optimizer, mesh=mesh, state_shardings=shardings)
-  train_rng = jax.device_put(train_rng, sharding.replicated(mesh))
+  train_step = make_train_step(model, optimizer, partitioner=partitioner,
+                               state_shardings=shardings)
+  train_rng = jax.device_put(train_rng, partitioner.replicated)
   writer = metrics_writer.MetricsWriter(os.path.join(model_dir, "train"))
   step = first_step = int(state.step)
   last_saved = step if restored is not None else None
   window, metrics = _Window(), {}
   start = time.perf_counter()
   while step < num_steps:
-    batch = shard_batch(next(train_data), mesh)
+    batch = partitioner.shard_batch(as_batch(next(train_data)))
     state, step_metrics = train_step(state, batch, train_rng)
     step += 1
     window.add(step_metrics, batch.image.shape[0])
-    if step == first_step + 1:
-      write_operative_config(model_dir)
+    if step == first_step + 1 and after_first_step is not None and jax.process_index() == 0:
+      after_first_step(model_dir)
     if step % log_every == 0 or step == num_steps:
       metrics = window.close()
       writer.write_scalars(step, metrics)

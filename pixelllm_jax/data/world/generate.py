@@ -24,11 +24,13 @@ import time
 import numpy as np
 from absl import app, flags
 
+from pixelllm_jax import tasks
 from pixelllm_jax.data import tokenizer
 from pixelllm_jax.data.world import language, scene as scene_lib, writers
 
 SPLITS = ("train", "val", "test")
-INSTRUCTIONS = ("describe in detail", "a photo of", "where is", "an object of")
+# The tasks' text prompts, so the world tokenizer has whole pieces for them.
+INSTRUCTIONS = tuple(tasks.get(name).instruction for name in tasks.TASKS)
 VOCAB_SIZE = 256
 
 
@@ -53,7 +55,6 @@ def generate_world(out_dir: str, *, num_train: int, num_val: int, num_test: int,
                    seed: int | None = None, vocab_size: int = VOCAB_SIZE) -> dict:
   """Writes the world under `out_dir`; `seed` overrides `config.seed` when given.
 
-  `config` defaults to `WorldConfig()` built at call time, so gin bindings apply.
 
   Returns {"paths": {name: path}, "counts": {split: {"images", "objects",
   "expressions"}}, "vocab_pieces": int, "seconds": float}.

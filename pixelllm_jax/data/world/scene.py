@@ -22,7 +22,6 @@ world look alike):
 """
 import dataclasses
 
-import gin
 import numpy as np
 from PIL import Image
 
@@ -42,7 +41,6 @@ _MARGIN_PX = 1
 _PLACEMENT_TRIES = 60
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
   """How scenes are sampled. `seed` is the default seed of `generate_world`."""

@@ -1,6 +1,6 @@
 """Per-token localization head: decoder hidden state -> P points per token.
 
-As the official PixelLLM point predictor (reference/official-pixelllm.md 1.7):
+As the official PixelLLM point predictor (docs/DESIGN.md, "Official code"):
 pre-LayerNorm (eps 1e-6), then `depth` Dense layers with exact GELU between
 them (hidden 512 at paper scale), the last one emitting P x 2 numbers.
 Coordinates are `(raw + 1) / 2` with no sigmoid and no clip, so a freshly
@@ -12,14 +12,12 @@ dropped here.
 import dataclasses
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 
 from pixelllm_jax import layers
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LocHeadConfig:
   hidden_dim: int = 512
@@ -48,7 +46,7 @@ class LocHead(nn.Module):
     for i in range(cfg.depth - 1):
       x = layers.dense(cfg.hidden_dim, ("embed", "mlp"), dtype=dtype, name=f"dense_{i}")(x)
       x = nn.gelu(x, approximate=False)
-      x = nn.with_logical_constraint(x, (None,) * (x.ndim - 1) + ("mlp",))
+      x = nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 2) + ("mlp",))
     out_axes = ("mlp", "points") if cfg.depth > 1 else ("embed", "points")
     raw = layers.dense(2 * cfg.points_per_token, out_axes, dtype=dtype, name="out")(x)
     raw = raw.astype(jnp.float32).reshape(*raw.shape[:-1], cfg.points_per_token, 2)

@@ -1,0 +1,129 @@
+"""The one gin helper every command line uses: flags, `--gin.NAME=VALUE`, search paths,
+parsing, the operative config, multi-process start-up.
+
+  python -m pixelllm_jax.train --gin_file=runs/demo.gin --gin.MODEL_DIR="'runs/x'"
+
+Flags (absl; `python -m pixelllm_jax.train --help` lists them):
+  --gin_file          (repeatable) config files, searched in --gin_search_paths
+                      (the repository's gin_configs/ is always searched last).
+  --gin_bindings      (repeatable) bindings such as "train.seed = 3".
+  --gin.NAME=VALUE    shorthand for --gin_bindings="NAME = VALUE" (rewritten before
+                      absl parses argv, as t5x does), e.g. macros MODEL_DIR, TRAIN_STEPS.
+  --gin_search_paths  (repeatable) extra directories for --gin_file and gin `include`s.
+  --coordinator_address / --process_count / --process_index
+                      multi-process runs: passed to `jax.distributed.initialize`.
+"""
+import contextlib
+import logging as std_logging
+import os
+from typing import Callable, Iterator, Sequence
+
+import gin
+import jax
+from absl import app, flags, logging
+
+DEFAULT_GIN_SEARCH_PATH = os.path.normpath(
+    os.path.join(os.path.dirname(__file__), "..", "gin_configs"))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin config files (repeatable).")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'train.seed = 1' (repeatable).")
+flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories to search for gin files.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: coordinator host:port.")
+flags.DEFINE_integer("process_count", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_index", None, "Multi-process: this process's index.")
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE`; other args unchanged."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--gin.") and "=" in arg:
+      name, value = arg[len("--gin."):].split("=", 1)
+      out.append(f"--gin_bindings={name} = {value}")
+    else:
+      out.append(arg)
+  return out
+
+
+def resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
+  """The absolute path of `name`: as given, else under the first search path holding it.
+
+  Resolved here rather than by gin, whose resource reader takes a relative path
+  whose first folder is importable (e.g. the `runs/` output folder in the
+  working directory, a namespace package) for a package resource and fails.
+  """
+  for base in ["", *search_paths]:
+    candidate = os.path.join(base, name)
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  raise FileNotFoundError(f"gin file {name!r} not found as given or under {list(search_paths)}")
+
+
+class _DropIncludeProbes(std_logging.Filter):
+  """Gin looks for an `include`d file under every search path in turn and logs each
+  miss as an error ("Path not found") before it finds the file; those are not errors."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.levelno == std_logging.ERROR
+                and str(record.msg).startswith("Path not found"))
+
+
+@contextlib.contextmanager
+def _quiet_include_probes() -> Iterator[None]:
+  root = std_logging.getLogger()
+  probe_filter = _DropIncludeProbes()
+  root.addFilter(probe_filter)
+  try:
+    yield
+  finally:
+    root.removeFilter(probe_filter)
+
+
+def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
+              search_paths: Sequence[str] = ()) -> None:
+  """Adds search paths (given ones first, then gin_configs/) and parses files + bindings.
+
+  Registers the project's configurables first (`pixelllm_jax.configurables`).
+  """
+  from pixelllm_jax import configurables  # noqa: F401  pylint: disable=import-outside-toplevel
+  paths = [os.path.abspath(p) for p in [*search_paths, DEFAULT_GIN_SEARCH_PATH]]
+  for path in paths:
+    gin.add_config_file_search_path(path)
+  files = [resolve_gin_file(f, paths) for f in gin_files]
+  with _quiet_include_probes():
+    gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=False)
+
+
+def write_operative_config(model_dir: str) -> None:
+  """Writes the gin config that was actually used to `model_dir/config.gin`."""
+  os.makedirs(model_dir, exist_ok=True)
+  with open(os.path.join(model_dir, "config.gin"), "w") as f:
+    f.write(gin.operative_config_str())
+
+
+def start(argv: Sequence[str]) -> None:
+  """The common start of a gin command line once absl parsed its flags: no stray
+  arguments, `jax.distributed` for multi-process runs, quiet logs, gin parsed."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.process_count,
+        process_id=FLAGS.process_index,
+    )
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's parser after the `--gin.` rewrite; returns the remaining argv."""
+  return app.parse_flags_with_usage(rewrite_gin_args(argv))
+
+
+def run(main: Callable[[Sequence[str]], object]) -> None:
+  """`app.run(main)` with the `--gin.` rewrite (`main`'s return value is ignored:
+  app.run would pass a non-None one to sys.exit)."""
+  app.run(lambda argv: main(argv) and None, flags_parser=parse_flags)

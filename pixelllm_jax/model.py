@@ -1,0 +1,205 @@
+"""The model API between the network and the loops, in the manner of t5x's `BaseModel`.
+
+Training, evaluation and inference call only these methods; none of them knows
+the composer's call signature, the losses or how decoding works:
+  init(rng, batch)               -> boxed params (every leaf carries logical axis names)
+  loss(params, batch, rng)       -> (float32[] loss, {name: float32[]} metrics)
+  predict(params, batch, settings) -> Predictions (tokens, per-token points, boxes)
+  score(params, batch)           -> float32[B, N] log-likelihood of each slot's target
+  trainable(path)                -> whether a parameter trains (the freezing switch)
+  check_batch(batch)             -> raises at start-up when the data does not fit the model
+All of them are pure functions of arrays, ready for `jax.jit`; `batch` is a
+`batch.Batch` (numpy or jax leaves).
+
+`PixelLLMModel` applies the run's dtype and remat policies (partitioning.py)
+to its config once, at construction.
+"""
+import abc
+import dataclasses
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from pixelllm_jax import decoding, losses, partitioning
+from pixelllm_jax.batch import EOS_ID, Batch, Output
+from pixelllm_jax.models.pixel_llm import PixelLLM, PixelLLMConfig
+
+DECODE_MODES = ("greedy", "teacher_forced")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  """How `predict` reads a batch.
+
+  mode: 'greedy' generates up to `max_len` tokens per slot with the KV cache;
+    'teacher_forced' reads the batch's own targets (referring boxes, trace points).
+  max_len: tokens generated at most (greedy).
+  """
+  mode: str = "greedy"
+  max_len: int = 32
+
+  def __post_init__(self):
+    if self.mode not in DECODE_MODES:
+      raise ValueError(f"DecodeSettings.mode must be one of {DECODE_MODES}, got {self.mode!r}")
+    if self.max_len < 1:
+      raise ValueError(f"DecodeSettings.max_len must be >= 1, got {self.max_len}")
+
+
+@flax.struct.dataclass
+class Predictions:
+  """What the model says about each caption slot.
+
+  tokens: int32[B, N, T]: generated (words, EOS, then pad) or the given targets.
+  points: float32[B, N, T, P, 2]: points[..., t, :, :] localizes tokens[..., t]
+    (normalized xy); points at EOS and after carry no meaning.
+  boxes: float32[B, N, 4]: xyxy min/max of the points read where the sequence
+    ends (the position whose target is EOS: the referring box).
+  """
+  tokens: jax.Array
+  points: jax.Array
+  boxes: jax.Array
+
+
+class BaseModel(abc.ABC):
+  """What the loops need from a model (module docstring)."""
+
+  @abc.abstractmethod
+  def init(self, rng: jax.Array, batch: Batch) -> Any:
+    """Boxed params (`nn.LogicallyPartitioned` leaves) for batches shaped like `batch`."""
+
+  @abc.abstractmethod
+  def loss(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """(scalar loss, metrics) of a training step; `rng` drives dropout."""
+
+  def predict(self, params: Any, batch: Batch, settings: DecodeSettings) -> Predictions:
+    raise NotImplementedError(f"{type(self).__name__} does not predict")
+
+  def score(self, params: Any, batch: Batch) -> jax.Array:
+    raise NotImplementedError(f"{type(self).__name__} does not score")
+
+  def trainable(self, path: Sequence[str]) -> bool:
+    """Whether the parameter at `path` (names below 'params') trains."""
+    del path
+    return True
+
+  def check_batch(self, batch: Batch) -> None:
+    """Raises a clear error when `batch` cannot be what this model reads."""
+    del batch
+
+
+def _inputs(batch: Batch) -> dict[str, jax.Array]:
+  """The composer's arguments, from the batch fields of the same names."""
+  return {name: getattr(batch, name) for name in (
+      "image", "image_valid_hw", "prompt_boxes", "prompt_index", "context_tokens",
+      "decoder_input_tokens")}
+
+
+def _end_index(tokens_BNT: jax.Array) -> jax.Array:
+  """int32[B, N]: the first EOS position, or T when a row has none."""
+  is_eos = tokens_BNT == EOS_ID
+  return jnp.where(is_eos.any(-1), jnp.argmax(is_eos, axis=-1), tokens_BNT.shape[-1])
+
+
+def _points_at(points_BNTP2: jax.Array, index_BN: jax.Array) -> jax.Array:
+  """float[B, N, P, 2]: the points at `index` along T (clipped into range)."""
+  index = jnp.clip(index_BN, 0, points_BNTP2.shape[2] - 1)
+  return jnp.take_along_axis(points_BNTP2, index[:, :, None, None, None], axis=2)[:, :, 0]
+
+
+def points_to_boxes(points_xP2: jax.Array) -> jax.Array:
+  """float[..., P, 2] -> float[..., 4] xyxy (min / max over the P points)."""
+  return jnp.concatenate([points_xP2.min(axis=-2), points_xP2.max(axis=-2)], axis=-1)
+
+
+class PixelLLMModel(BaseModel):
+  """PixelLLM behind the model API.
+
+  Attributes:
+    config: the composer config, with the dtype and remat policies applied.
+    module: the `PixelLLM` linen module built from it.
+    loss_config: the training losses' settings.
+    dtype: the dtype policy (parameters are stored in `dtype.param_dtype`).
+  """
+
+  def __init__(self, config: PixelLLMConfig, loss: losses.LossConfig = losses.LossConfig(),
+               dtype: partitioning.DtypePolicy = partitioning.DtypePolicy(),
+               remat: partitioning.RematPolicy = partitioning.RematPolicy()):
+    self.config = remat.apply(dtype.apply(config))
+    self.module = PixelLLM(self.config)
+    self.loss_config, self.dtype = loss, dtype
+
+  def init(self, rng: jax.Array, batch: Batch) -> Any:
+    variables = self.module.init({"params": rng, "dropout": rng}, **_inputs(batch), train=False)
+    return self.dtype.cast_params(variables["params"])
+
+  def abstract_batch(self, batch_size: int = 1, num_slots: int = 1, num_prompts: int = 1,
+                     length: int = 8, context_length: int = 8) -> Batch:
+    """A Batch of `jax.ShapeDtypeStruct`s at the model's canvas (for abstract inits
+    and compile-only checks)."""
+    b, n, k, size = batch_size, num_slots, num_prompts, self.config.image_size
+    p = self.config.loc_head.points_per_token
+    s = jax.ShapeDtypeStruct
+    return Batch(
+        image=s((b, size, size, 3), jnp.uint8), image_valid_hw=s((b, 2), jnp.float32),
+        prompt_boxes=s((b, k, 4), jnp.float32), prompt_index=s((b, n), jnp.int32),
+        context_tokens=s((b, n, context_length), jnp.int32),
+        decoder_input_tokens=s((b, n, length), jnp.int32),
+        decoder_target_tokens=s((b, n, length), jnp.int32),
+        decoder_loss_weights=s((b, n, length), jnp.float32),
+        point_targets=s((b, n, length, p, 2), jnp.float32),
+        point_weights=s((b, n, length), jnp.float32), task_ids=s((b, n), jnp.int32))
+
+  def apply(self, params: Any, batch: Batch, *, train: bool = False,
+            rng: jax.Array | None = None) -> Output:
+    """The teacher-forced forward pass (logits, points and hidden states)."""
+    rngs = {"dropout": rng} if rng is not None else None
+    return self.module.apply({"params": params}, **_inputs(batch), train=train, rngs=rngs)
+
+  def loss(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
+    output = self.apply(params, batch, train=True, rng=rng)
+    return losses.compute_losses(output, batch, self.loss_config)
+
+  def predict(self, params: Any, batch: Batch, settings: DecodeSettings) -> Predictions:
+    if settings.mode == "teacher_forced":
+      # Only the points are returned: XLA drops the logits' vocabulary matmul.
+      points_in = self.apply(params, batch).points  # at decoder *input* positions
+      tokens = batch.decoder_target_tokens
+      boxes = points_to_boxes(_points_at(points_in, _end_index(tokens)))
+      # Target t is fed (and localized) at input position t + 1.
+      points = jnp.concatenate([points_in[:, :, 1:], jnp.zeros_like(points_in[:, :, :1])], axis=2)
+      return Predictions(tokens=tokens, points=points, boxes=boxes)
+    variables = {"params": params}
+    encoded = self.module.apply(variables, batch.image, batch.image_valid_hw, batch.prompt_boxes,
+                                batch.prompt_index, batch.context_tokens,
+                                method=PixelLLM.encode)
+    decoded = decoding.greedy_decode_pixel_llm(self.module, variables, encoded, settings.max_len)
+    # The last word sits just before EOS (the point read after it, as in training).
+    boxes = points_to_boxes(_points_at(decoded.points, _end_index(decoded.tokens) - 1))
+    return Predictions(tokens=decoded.tokens, points=decoded.points, boxes=boxes)
+
+  def score(self, params: Any, batch: Batch) -> jax.Array:
+    """float32[B, N]: sum of log p(target token) over each slot's non-pad targets."""
+    logits = self.apply(params, batch).logits
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    targets = batch.decoder_target_tokens
+    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(token_logp * (targets > 0), axis=-1)
+
+  def trainable(self, path: Sequence[str]) -> bool:
+    return self.config.trainable(path)
+
+  def check_batch(self, batch: Batch) -> None:
+    size = self.config.image_size
+    hw = tuple(batch.image.shape[1:3])
+    if hw != (size, size):
+      raise ValueError(
+          f"the data's images are {hw[0]}x{hw[1]} but the model's canvas is {size}x{size} "
+          f"(PixelLLMConfig.image_size): give the data pipeline canvas_size={size} "
+          "(train_data.canvas_size / evaluate.canvas_size) or set image_size to the images' size")
+    points = batch.point_targets.shape[-2]
+    if points != self.config.loc_head.points_per_token:
+      raise ValueError(f"the data has {points} points per token (TaskConfig.points_per_token) "
+                       f"but the localization head predicts {self.config.loc_head.points_per_token}"
+                       " (LocHeadConfig.points_per_token)")
