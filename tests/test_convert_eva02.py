@@ -126,13 +126,32 @@ def test_errors_list_every_offending_key(separate_qkv):
     convert.eva02_params_from_timm(model.state_dict(), dataclasses.replace(CFG, depth=1))
 
 
-def test_no_sub_ln_variant_is_rejected():
-  """eva02_tiny/small (scale_mlp=False, packed SwiGLU fc1) lack the sub-LN EVA02ViT always has."""
-  model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1)
-  config = eva02.EVA02Config(image_size=28, patch_size=14, width=192, depth=1, num_heads=3,
-                             mlp_dim=512, pretrain_grid=2, rope_ref_grid=16)
-  with pytest.raises(ValueError, match=r"blocks.0.mlp.norm.*scale_mlp=False"):
-    convert.eva02_params_from_timm(model.state_dict(), config)
+@pytest.mark.parametrize("name, width, heads", [("eva02_tiny_patch14_224", 192, 3),
+                                                 ("eva02_small_patch14_224", 384, 6)])
+def test_parity_no_sub_ln_variants(name, width, heads):
+  """timm's eva02_tiny / eva02_small (scale_mlp=False: no SwiGLU sub-LN; fused qkv; packed
+  fc1), registered kwargs shrunk to 2 blocks at 28 px: EVA02Config(mlp_norm=False) imports
+  them with parity, at the native grid and above it."""
+  torch.manual_seed(0)
+  model = _randomized(timm.create_model(name, pretrained=False, img_size=28, depth=2,
+                                        num_classes=0, dynamic_img_size=True), seed=4)
+  assert not any(".mlp.norm." in k for k in model.state_dict())
+  mlp_dim = model.state_dict()["blocks.0.mlp.fc2.weight"].shape[1]
+  config = eva02.EVA02Config(image_size=28, patch_size=14, width=width, depth=2, num_heads=heads,
+                             mlp_dim=mlp_dim, pretrain_grid=2, rope_ref_grid=16, mlp_norm=False)
+  params = convert.eva02_params_from_timm(model.state_dict(), config)
+  assert "norm" not in params["blocks_0"]["mlp"]
+  for hw in [(28, 28), (42, 56)]:
+    assert _compare(model, params, config, hw, post=model.fc_norm) <= TOL
+  # The sub-LN's presence must match the config, either way, naming the keys.
+  with pytest.raises(ValueError, match=r"blocks.0.mlp.norm.*mlp_norm=False"):
+    convert.eva02_params_from_timm(model.state_dict(), dataclasses.replace(config, mlp_norm=True))
+
+
+def test_sub_ln_checkpoint_into_a_config_without_it_is_an_error(separate_qkv):
+  model, _, _ = separate_qkv
+  with pytest.raises(ValueError, match=r"unused source keys.*blocks.0.mlp.norm.weight"):
+    convert.eva02_params_from_timm(model.state_dict(), dataclasses.replace(CFG, mlp_norm=False))
 
 
 def test_load_safetensors_and_wrapped_pth(separate_qkv, tmp_path):

@@ -13,8 +13,8 @@ Accepted layouts (both occur in timm's EVA02 models):
   which is exact, and the report says so. A raw `attn.qkv.bias` is split too if its k third is zero.
 - SwiGLU with sub-LN (`swiglu_mlp=True, scale_mlp=True`): `mlp.fc1_g`, `mlp.fc1_x`, `mlp.norm`,
   `mlp.fc2`; a packed `mlp.fc1` (gate rows first, as timm's `GluMlp(gate_last=False)`) is split.
-  Without `mlp.norm` (timm `scale_mlp=False`: eva02 tiny/small) the model is NOT representable:
-  `EVA02ViT` always applies the sub-LN, and a LayerNorm is never the identity, so that is an error.
+  Without `mlp.norm` (timm `scale_mlp=False`: eva02 tiny/small) give `EVA02Config(mlp_norm=False)`;
+  a checkpoint whose sub-LN presence disagrees with the config is an error naming the keys.
 - the original EVA names that timm's `checkpoint_filter_fn` renames (`mlp.w1/w2/w3/w12`,
   `mlp.ffn_ln`, `attn.q_bias`/`v_bias` next to `q_proj`) and the `visual.` / `visual.trunk.`
   prefixes of OpenCLIP checkpoints (keys outside the prefix are ignored, with the reason).
@@ -132,7 +132,7 @@ def _norm(r: common.Reader, src: str, dst: str) -> dict:
           dst + "/bias": r.get(src + ".bias", target=dst + "/bias")}
 
 
-def _mlp(r: common.Reader, src: str, dst: str) -> dict:
+def _mlp(r: common.Reader, src: str, dst: str, mlp_norm: bool) -> dict:
   out = {}
   if r.has(src + "fc1.weight"):  # packed GluMlp: first half gates (silu), second half values
     w, b = r.get(src + "fc1.weight"), r.get(src + "fc1.bias")
@@ -144,13 +144,14 @@ def _mlp(r: common.Reader, src: str, dst: str) -> dict:
   else:
     out.update(_linear(r, src + "fc1_g", dst + "fc1_g"))
     out.update(_linear(r, src + "fc1_x", dst + "fc1_x"))
-  if r.has(src + "norm.weight"):
-    out.update(_norm(r, src + "norm", dst + "norm"))
-  else:
+  if mlp_norm and not r.has(src + "norm.weight"):
     r.report.missing.append(
-        f"{src}norm.weight/bias (timm scale_mlp=False, e.g. eva02 tiny/small: EVA02ViT always "
-        "applies the SwiGLU sub-LN, so this model is not representable)")
+        f"{src}norm.weight/bias (no SwiGLU sub-LN in the source, timm scale_mlp=False as eva02 "
+        "tiny/small: give EVA02Config(mlp_norm=False))")
     out[dst + "norm/scale"] = out[dst + "norm/bias"] = None
+  elif mlp_norm:
+    out.update(_norm(r, src + "norm", dst + "norm"))
+  # Without mlp_norm a source `norm` stays unread and is reported as a left-over key.
   out.update(_linear(r, src + "fc2", dst + "fc2"))
   return out
 
@@ -188,7 +189,7 @@ def eva02_params_from_timm(state_dict: Mapping[str, Any], config: eva02_model.EV
     flat.update(_norm(r, src + "norm1", dst + "norm1"))
     flat.update(_attention(r, src + "attn.", dst + "attn/", config.width, has_bias))
     flat.update(_norm(r, src + "norm2", dst + "norm2"))
-    flat.update(_mlp(r, src + "mlp.", dst + "mlp/"))
+    flat.update(_mlp(r, src + "mlp.", dst + "mlp/", config.mlp_norm))
   if not r.has("norm.weight") and r.has("fc_norm.weight"):
     flat.update(_norm(r, "fc_norm", "norm"))
     notes.append("no final `norm`: `fc_norm` (timm's post-pooling norm) applied per token")

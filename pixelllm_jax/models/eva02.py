@@ -11,7 +11,9 @@ official PixelLLM `eva02_vit.py`:
   equals the official code's `jax.image.resize`); CLS keeps its embedding;
 - pre-LN blocks: attention with separate q/k/v projections (q and v biased,
   k not), 2-D RoPE on patch tokens only (never on CLS), SwiGLU MLP
-  `w3(LN(silu(w1 x) * w2 x))` (the "sub-LN"), no layer-scale;
+  `w3(LN(silu(w1 x) * w2 x))` (the "sub-LN", timm `scale_mlp=True`: EVA02 base
+  and large; `mlp_norm=False` drops it, as timm's EVA02 tiny and small), no
+  layer-scale;
 - final LayerNorm (PixelLLM's `use_ln_post`), CLS dropped.
 
 RoPE layout (timm `RotaryEmbeddingCat(in_pixels=False)` + `apply_rot_embed_cat`,
@@ -37,7 +39,8 @@ are [in, out]; conv kernels are OIHW in torch and HWIO here):
   blocks_i/attn/proj/{kernel,bias}    blocks.i.attn.proj.{weight.T,bias}
   blocks_i/norm2                  blocks.i.norm2
   blocks_i/mlp/fc1_g, fc1_x       blocks.i.mlp.fc1_g, fc1_x   (EVA/official: w1, w2)
-  blocks_i/mlp/norm               blocks.i.mlp.norm           (EVA/official: ffn_ln)
+  blocks_i/mlp/norm               blocks.i.mlp.norm           (EVA/official: ffn_ln; absent
+                                                              without mlp_norm)
   blocks_i/mlp/fc2                blocks.i.mlp.fc2            (EVA/official: w3)
   norm                            norm (timm EVA02 ships fc_norm for pooling; official: ln_post)
 """
@@ -72,6 +75,7 @@ class EVA02Config:
   pretrain_grid: int = 16        # grid the abs pos-embed was trained at (224 / 14)
   rope_ref_grid: int | None = None  # None: RoPE positions are plain indices (PixelLLM)
   layer_norm_eps: float = 1e-6
+  mlp_norm: bool = True          # the SwiGLU sub-LN (timm scale_mlp); False: EVA02 tiny / small
   dtype: Any = jnp.float32
   remat: str = "none"               # partitioning.RematPolicy modes: 'none', 'block', ...
   # 'sincos' (2-D sine-cosine start) or 'normal' (the reference init); only
@@ -132,7 +136,7 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-  """fc2(LN(silu(fc1_g x) * fc1_x x)): EVA02's SwiGLU with sub-LN."""
+  """fc2(LN(silu(fc1_g x) * fc1_x x)): EVA02's SwiGLU with sub-LN (without LN if not mlp_norm)."""
   config: EVA02Config
 
   @nn.compact
@@ -141,8 +145,9 @@ class SwiGLU(nn.Module):
     gate = layers.dense(cfg.mlp_dim, ("embed", "mlp"), dtype=cfg.dtype, name="fc1_g")(x_BTD)
     value = layers.dense(cfg.mlp_dim, ("embed", "mlp"), dtype=cfg.dtype, name="fc1_x")(x_BTD)
     hidden = nn.with_logical_constraint(nn.silu(gate) * value, ("batch", "length", "mlp"))
-    hidden = layers.layer_norm(epsilon=cfg.layer_norm_eps, axis_name="mlp", dtype=cfg.dtype,
-                               name="norm")(hidden)
+    if cfg.mlp_norm:
+      hidden = layers.layer_norm(epsilon=cfg.layer_norm_eps, axis_name="mlp", dtype=cfg.dtype,
+                                 name="norm")(hidden)
     return layers.dense(cfg.width, ("mlp", "embed"), dtype=cfg.dtype, name="fc2")(hidden)
 
 
@@ -169,14 +174,18 @@ def resize_pos_embed(pos_embed_ND: Array, grid_hw: tuple[int, int]) -> Array:
 
 
 class EVA02ViT(nn.Module):
-  """uint8[B, H, W, 3] -> float32[B, H // p, W // p, width]."""
+  """uint8[B, H, W, 3] -> float32[B, H // p, W // p, width].
+
+  `normalized=True`: the image is float[B, H, W, 3] already normalized as the tower
+  does it ([0, 1] pixels, then CLIP_MEAN / CLIP_STD).
+  """
   config: EVA02Config
 
   @nn.compact
-  def __call__(self, image_BHWC: Array) -> Array:
+  def __call__(self, image_BHWC: Array, *, normalized: bool = False) -> Array:
     cfg = self.config
     x = layers.patch_embed(image_BHWC, width=cfg.width, patch_size=cfg.patch_size,
-                           mean=CLIP_MEAN, std=CLIP_STD, dtype=cfg.dtype)
+                           mean=CLIP_MEAN, std=CLIP_STD, normalized=normalized, dtype=cfg.dtype)
     b, h, w, d = x.shape
     cls = self.param("cls_token", layers.param_init(nn.initializers.normal(0.02), ("embed",)),
                      (d,))
