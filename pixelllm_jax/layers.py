@@ -107,15 +107,24 @@ def attend(
 
 def patch_embed(
     image_BHWC: Array, *, width: int, patch_size: int, mean: Sequence[float],
-    std: Sequence[float], dtype: Dtype = jnp.float32, name: str = "patch_embed",
+    std: Sequence[float], normalized: bool = False, dtype: Dtype = jnp.float32,
+    name: str = "patch_embed",
 ) -> Array:
-  """uint8[B, H, W, 3] -> [B, H // p, W // p, width]: normalize [0, 1] pixels with
-  the tower's mean/std, then a stride-p conv (remainder pixels dropped, as torch).
+  """Pixels -> [B, H // p, W // p, width]: a stride-p conv (remainder pixels dropped, as torch).
+
+  `image_BHWC` is uint8[B, H, W, 3], normalized here (to [0, 1], then with the
+  tower's mean / std), or with `normalized=True` float[B, H, W, 3] that the
+  caller has already normalized that way.
 
   Call from inside a compact module: the conv's parameters land under `name`.
   """
-  x = image_BHWC.astype(jnp.float32) / 255.0
-  x = ((x - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
+  if normalized:
+    if not jnp.issubdtype(image_BHWC.dtype, jnp.floating):
+      raise ValueError(f"normalized=True takes a float image, got {image_BHWC.dtype}")
+    x = image_BHWC.astype(dtype)
+  else:
+    x = image_BHWC.astype(jnp.float32) / 255.0
+    x = ((x - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
   return nn.Conv(
       width, (patch_size, patch_size), strides=(patch_size, patch_size), padding="VALID",
       dtype=dtype,

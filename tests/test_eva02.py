@@ -183,3 +183,15 @@ def test_bfloat16_compute_keeps_float32_params_and_output(model_and_params):
   ref = _apply(eva02.EVA02ViT(CFG), params, image)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, ref, atol=0.1)
+
+
+def test_a_normalized_float_image_gives_the_same_output(model_and_params):
+  """normalized=True takes float pixels the caller normalized as the tower does (CLIP stats)."""
+  model, _, params = model_and_params
+  image = _image(jax.random.PRNGKey(11), 32, 32)
+  floats = (np.asarray(image, np.float32) / 255.0 - np.asarray(eva02.CLIP_MEAN)) / np.asarray(
+      eva02.CLIP_STD)
+  out = jax.jit(lambda p, x: model.apply({"params": p}, x, normalized=True))(params, floats)
+  np.testing.assert_allclose(out, _apply(model, params, image), atol=1e-5)
+  with pytest.raises(ValueError, match="float image"):
+    model.apply({"params": params}, image, normalized=True)

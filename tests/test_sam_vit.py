@@ -190,3 +190,13 @@ def test_remat_gives_the_same_output(model_and_params):
   remat = sam_vit.SamViT(sam_vit.SamViTConfig(**{**CFG.__dict__, "remat": "block"}))
   np.testing.assert_allclose(_apply(remat, params, image), plain, atol=1e-6)
 
+
+
+def test_a_normalized_float_image_gives_the_same_output(model_and_params):
+  """normalized=True takes float pixels the caller normalized as the tower does (ImageNet stats)."""
+  model, _, params = model_and_params
+  image = _image(jax.random.PRNGKey(12), 32, 32)
+  floats = (np.asarray(image, np.float32) / 255.0 - np.asarray(sam_vit.IMAGENET_MEAN)) / np.asarray(
+      sam_vit.IMAGENET_STD)
+  out = jax.jit(lambda p, x: model.apply({"params": p}, x, normalized=True))(params, floats)
+  np.testing.assert_allclose(out, _apply(model, params, image), atol=1e-5)

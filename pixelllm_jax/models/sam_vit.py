@@ -196,14 +196,19 @@ class Neck(nn.Module):
 
 
 class SamViT(nn.Module):
-  """uint8[B, H, W, 3] -> float32[B, H // p, W // p, out_channels]."""
+  """uint8[B, H, W, 3] -> float32[B, H // p, W // p, out_channels].
+
+  `normalized=True`: the image is float[B, H, W, 3] already normalized as the tower
+  does it ([0, 1] pixels, then IMAGENET_MEAN / IMAGENET_STD).
+  """
   config: SamViTConfig
 
   @nn.compact
-  def __call__(self, image_BHWC: Array) -> Array:
+  def __call__(self, image_BHWC: Array, *, normalized: bool = False) -> Array:
     cfg = self.config
     x = layers.patch_embed(image_BHWC, width=cfg.width, patch_size=cfg.patch_size,
-                           mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=cfg.dtype)
+                           mean=IMAGENET_MEAN, std=IMAGENET_STD, normalized=normalized,
+                           dtype=cfg.dtype)
     _, h, w, d = x.shape
     g = cfg.pretrain_grid
     pos_init = pos_embed_lib.initializer(cfg.pos_embed_init, g)
