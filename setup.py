@@ -21,6 +21,8 @@ CORE = [
     "pillow>=10.0",
     "absl-py>=2.0",
     "tensorboardX>=2.6",
+    # RefCOCO masks (polygons / RLE): the refer builder needs it to prepare referring data.
+    "pycocotools>=2.0",
 ]
 
 EXTRAS = {
@@ -29,7 +31,7 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3", "portpicker>=1.6"],
     # Reference implementations for the parity tests and the weight converters' torch
     # inputs. torch==2.13.0 resolves to the machines' local CPU wheel; a bare `torch`
-    # would pull a multi-GB CUDA build (DESIGN.md section 5).
+    # would pull a multi-GB CUDA build (docs/DESIGN.md, "Stack").
     "ref": ["torch==2.13.0", "transformers>=5.0", "timm>=1.0", "safetensors>=0.4"],
 }
 

@@ -157,13 +157,3 @@ def is_lora_path(path: str | Sequence[Any]) -> bool:
   """
   parts = path.split("/") if isinstance(path, str) else tree_paths.path_of(path)
   return any(p in LORA_PARAM_NAMES for p in parts)
-
-
-def lora_mask(params: Any) -> Any:
-  """A tree of bools shaped like `params` (boxes unwrapped): True on adapter leaves.
-
-  Ready for `optax.masked` / `optax.multi_transform` labels on unboxed params.
-  """
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: is_lora_path(path), nn.meta.unbox(params))
-

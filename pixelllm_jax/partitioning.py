@@ -162,6 +162,15 @@ class Partitioner:
     axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
     return int(np.prod([self.mesh.shape[a] for a in axes]))
 
+  def check_batch_size(self, global_batch_size: int, where: str) -> None:
+    """Raises naming `where` unless the global batch splits evenly over the batch axes."""
+    if global_batch_size % self.batch_shards:
+      raise ValueError(
+          f"{where}: a global batch of {global_batch_size} does not split over the "
+          f"{self.batch_shards} batch shards of mesh {dict(self.mesh.shape)} (rules "
+          f"{self.rule_set!r} put the batch over {self.batch_axes}); give a multiple of "
+          f"{self.batch_shards}")
+
   def batch_sharding(self) -> NamedSharding:
     """Leading axis over the batch axes, the rest replicated."""
     return NamedSharding(self.mesh, P(self.batch_axes))

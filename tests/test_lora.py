@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pixelllm_jax import lora, partitioning
+from pixelllm_jax.train import optim
 
 AXES = ("embed", "joined_kv")
 
@@ -105,9 +106,9 @@ def test_is_lora_path_and_mask_on_every_path_form():
       variables, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))[0]
   picked = sorted(jax.tree_util.keystr(p) for p, _ in boxed_paths if lora.is_lora_path(p))
   assert picked == ["['params']['a']['lora_a']", "['params']['a']['lora_b']"]
-  mask = lora.lora_mask(variables["params"])
-  assert mask == {"a": {"kernel": False, "lora_a": True, "lora_b": True},
-                  "b": {"kernel": False}}
+  labels = optim.trainable_labels(nn.meta.unbox(variables["params"]), lora.is_lora_path)
+  assert labels == {"a": {"kernel": "freeze", "lora_a": "train", "lora_b": "train"},
+                    "b": {"kernel": "freeze"}}
 
 
 def test_lora_axis_names_are_known():

@@ -23,14 +23,11 @@ def test_iou_hand_values():
   assert boxes.paired_iou([0.3, 0.3, 0.3, 0.3], [0.3, 0.3, 0.3, 0.3]) == 0.0
 
 
-def test_points_to_box_and_conversions():
-  points = np.array([[0.6, 0.2], [0.1, 0.8]])  # corners in the "wrong" order
-  np.testing.assert_array_equal(boxes.points_to_box(points), [0.1, 0.2, 0.6, 0.8])
+def test_conversions():
   pixels = boxes.to_pixels([0.5, 0.25, 1.0, 1.0], width=200, height=100)
   np.testing.assert_allclose(pixels, [100, 25, 200, 100])
   np.testing.assert_allclose(boxes.to_normalized(pixels, 200, 100), [0.5, 0.25, 1.0, 1.0])
   np.testing.assert_allclose(boxes.to_pixels([[0.5, 0.5]], 10, 20), [[5, 10]])
-  np.testing.assert_allclose(boxes.xywh_to_xyxy([10, 20, 5, 4]), [10, 20, 15, 24])
   np.testing.assert_allclose(boxes.clip_to_image([-0.1, 0.2, 1.3, 0.9]), [0.0, 0.2, 1.0, 0.9])
   np.testing.assert_allclose(boxes.clip_to_image([-5, 50, 250, 120], 200, 100), [0, 50, 200, 100])
 

@@ -77,7 +77,7 @@ def _within(value: float, published: float, rel: float) -> bool:
   return abs(value - published) <= rel * published
 
 
-# ---- closed forms (the arithmetic of section 1.10) ----------------------------------------------
+# ---- closed forms (each tower's parameter arithmetic) -------------------------------------------
 
 
 def _t5_base_count(d, heads, d_kv, d_ff, enc, dec, vocab=32128, buckets=32) -> int:
@@ -127,7 +127,7 @@ def test_eva02_l(xl):
 
 def test_sam_vit_h_encoder(xl):
   assert xl["sam"] == _sam_h_count() == 637_026_048
-  assert 632e6 <= xl["sam"] <= 637.05e6  # "632-637 M"; 637.0 M in section 1.10
+  assert 632e6 <= xl["sam"] <= 637.05e6  # "632-637 M" quoted; 637.0 M with pos-embed and rel-pos
 
 
 def test_flan_t5_xl_base_without_lora(xl):

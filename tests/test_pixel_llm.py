@@ -1,6 +1,6 @@
 """The composed PixelLLM at toy size: shapes, parameter axis names, and the model's contracts.
 
-Contracts (STYLE.md item 10): padding does not change real outputs; the decoder is causal and the
+Contracts: padding does not change real outputs; the decoder is causal and the
 localization of a token does not depend on later tokens; caption slots are independent; the
 prompt gather routes each slot to its own prompt; cached decoding equals the teacher-forced pass;
 `loc_grad_to_lm=False` cuts the point loss from the LM; a fresh LoRA is the rank-0 model. Plus the

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from pixelllm_jax import lora
+from pixelllm_jax.train import optim
 from pixelllm_jax.models import t5
 from axis_names import assert_known_axis_names
 
@@ -335,8 +336,7 @@ def test_lora_alone_fits_a_tiny_task_with_the_base_frozen():
     logits, _ = model.apply({"params": p}, embeds, mask, decoder_inputs)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
-  labels = jax.tree.map(lambda is_lora: "lora" if is_lora else "frozen", lora.lora_mask(params))
-  tx = optax.multi_transform({"lora": optax.adam(1e-2), "frozen": optax.set_to_zero()}, labels)
+  tx = optim.with_frozen(optax.adam(1e-2), lora.is_lora_path)
 
   @jax.jit
   def train(p, opt_state):

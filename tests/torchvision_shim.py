@@ -7,7 +7,7 @@ fails to load against torch 2.13.0+cpu; `torchvision/_meta_registrations.py` the
 "operator torchvision::nms does not exist". Here, only when `_C` cannot be loaded, the two op schemas
 it needs (`nms`, `qnms`) are defined; their C++ kernels stay missing, and nothing we test uses them.
 It must stay conditional: defining them next to a working `_C` aborts with "Tried to register an
-operator (torchvision::nms) ... multiple times" (docs: shared/reference/environment.md, section 9).
+operator (torchvision::nms) ... multiple times".
 """
 import glob
 import importlib.util

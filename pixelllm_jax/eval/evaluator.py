@@ -75,6 +75,7 @@ def evaluate(*, model_dir: str, model: BaseModel, data: DataConfig,
   start = time.perf_counter()
   partitioner = Partitioner() if partitioner is None else partitioner
   task_registry.check_names(tasks, "evaluate.tasks")
+  partitioner.check_batch_size(batch_size, "evaluate.batch_size")
   tokenizer = data.tokenizer()
   out_dir = os.path.join(model_dir, "eval")
   os.makedirs(out_dir, exist_ok=True)

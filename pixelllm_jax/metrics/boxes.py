@@ -1,4 +1,4 @@
-"""Box geometry for the metrics: IoU, boxes from per-token points, coordinate conversion.
+"""Box geometry for the metrics: IoU, clipping, coordinate conversion.
 
 Conventions (pixelllm_jax/batch.py): boxes are xyxy, points are xy, and model coordinates are
 normalized to [0, 1] of the unpadded image. Everything here is numpy and runs on the host after
@@ -41,16 +41,6 @@ def paired_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
   return _iou(boxes_a, boxes_b)
 
 
-def points_to_box(points: np.ndarray) -> np.ndarray:
-  """A token's box from its P predicted points: float[..., P, 2] -> float[..., 4] xyxy.
-
-  With P = 2 (the default head) this orders the two corners, so a head that emits the corners in
-  either order still yields a valid box. The same rule reads the referring box (DESIGN.md section 2).
-  """
-  points = np.asarray(points)
-  return np.concatenate([points.min(axis=-2), points.max(axis=-2)], axis=-1)
-
-
 def clip_to_image(coords: np.ndarray, width: float = 1.0, height: float = 1.0) -> np.ndarray:
   """Clips xy / xyxy coordinates float[..., 2k] into [0, width] x [0, height] (default normalized).
 
@@ -77,9 +67,3 @@ def to_normalized(coords: np.ndarray, width: float, height: float) -> np.ndarray
   """Pixel xy / xyxy coordinates float[..., 2k] -> normalized to [0, 1] of the image."""
   coords = np.asarray(coords, np.float64)
   return coords / _xy_scale(coords.shape[-1], width, height)
-
-
-def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
-  """COCO [x, y, w, h] float[..., 4] -> xyxy float[..., 4]."""
-  boxes = np.asarray(boxes, np.float64)
-  return np.concatenate([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], axis=-1)

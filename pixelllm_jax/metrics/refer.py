@@ -1,4 +1,4 @@
-"""Referring localization and segmentation metrics (DESIGN.md section 4).
+"""Referring localization and segmentation metrics (docs/DESIGN.md, "Metrics").
 
 - Box precision P@0.5 follows the official RefCOCO evaluator: an expression is a hit when its one
   predicted box has IoU **strictly greater** than the threshold with its one ground-truth box, so an

@@ -1,4 +1,4 @@
-"""Trace metrics: per-token point L1 and pointing accuracy (DESIGN.md section 4).
+"""Trace metrics: per-token point L1 and pointing accuracy (docs/DESIGN.md, "Metrics").
 
 Point L1, as the official `PointEvaluator`, all in coordinates normalized to [0, 1] of the image:
   1. distance between a predicted point p and a ground-truth point g is the mean of |dx| and |dy|,

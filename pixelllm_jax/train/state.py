@@ -48,13 +48,11 @@ class StateSpec:
   abstract: TrainState of `jax.ShapeDtypeStruct`s carrying their shardings
     (an Orbax restore target).
   shardings: TrainState of NamedShardings.
-  boxed_params: the abstract params with their logical axis names.
   init: rng -> TrainState, jitted with `out_shardings=shardings`.
   """
 
   abstract: TrainState
   shardings: TrainState
-  boxed_params: Any
   init: Callable[[jax.Array], TrainState]
 
 
@@ -91,7 +89,7 @@ def state_spec(model: BaseModel, init_batch: Batch, optimizer: optax.GradientTra
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params))
 
-  boxed, param_shardings = partitioner.abstract_params(init_params)
+  _, param_shardings = partitioner.abstract_params(init_params)
   with partitioner.context():
     abstract = jax.eval_shape(init_state, jax.random.key(0))
   shardings = TrainState(
@@ -103,4 +101,4 @@ def state_spec(model: BaseModel, init_batch: Batch, optimizer: optax.GradientTra
                          out_shardings=shardings)
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  return StateSpec(abstract=abstract, shardings=shardings, boxed_params=boxed, init=init)
+  return StateSpec(abstract=abstract, shardings=shardings, init=init)

@@ -183,6 +183,7 @@ def train(
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
   first_batch = _peek(train_data)
   model.check_batch(first_batch)
+  partitioner.check_batch_size(first_batch.image.shape[0] * jax.process_count(), "training")
   optimizer = optim.with_frozen(optimizer, model.trainable)
   spec = state_lib.state_spec(model, first_batch, optimizer, partitioner)
   shardings = spec.shardings

@@ -31,7 +31,6 @@ import numpy as np
 from pixelllm_jax.data.world.scene import Scene, SceneObject
 
 MARGIN = 0.1  # fraction of the image side separating "left of" from "not left of"
-ATTRIBUTES = ("size", "colour", "shape")
 DIRECTIONS = ("left", "right", "top", "bottom")
 RELATIONS = ("left of", "right of", "above", "below")
 _DIRECTION_TEXT = {"left": "on the left", "right": "on the right", "top": "at the top",
