@@ -61,12 +61,14 @@ def load_scenes(path: str | None) -> dict[int, dict]:
 
 def evaluate(*, model_dir: str, model: BaseModel, data: DataConfig,
              task_config: task_registry.TaskConfig, partitioner: Partitioner | None = None,
-             split: str = "test", tasks: Sequence[str] = ("refer", "trace", "caption", "loca"),
+             split: str = "test", tasks: Sequence[str] | None = None,
              batch_size: int = 32, num_slots: int = 4, num_prompts: int = 4,
              scenes_path: str | None = None, num_visualizations: int = 8,
              canvas_size: int | None = None) -> dict[str, Any]:
   """Evaluates the latest checkpoint of `model_dir`; writes metrics.json and PNGs.
 
+  `tasks`: the tasks to evaluate, each on its own evaluation (default: every
+  registered task).
   `canvas_size`: resize (long side) and pad every image to this square canvas,
   as training does with `train_data.canvas_size` (needed for real datasets).
   `scenes_path`: the generated world's scene ground truth (trace pointing
@@ -74,6 +76,7 @@ def evaluate(*, model_dir: str, model: BaseModel, data: DataConfig,
   """
   start = time.perf_counter()
   partitioner = Partitioner() if partitioner is None else partitioner
+  tasks = task_registry.TASKS if tasks is None else tuple(tasks)
   task_registry.check_names(tasks, "evaluate.tasks")
   partitioner.check_batch_size(batch_size, "evaluate.batch_size")
   tokenizer = data.tokenizer()
