@@ -69,6 +69,24 @@ class _DropIncludeProbes(std_logging.Filter):
                 and str(record.msg).startswith("Path not found"))
 
 
+def _safe_package_probe(config_path: str) -> str:
+  """gin's package-resource probe for an `include`d path, failing cleanly on a namespace package.
+
+  gin tries every include first as a package resource (`runs/train.gin` -> package `runs`). A
+  plain folder of that name in the working directory (the demo's `runs/` model dirs) is a
+  namespace package without a file, on which gin's probe raises TypeError instead of reporting
+  "not found", so the include never reaches the search paths. Reported as not found here.
+  """
+  try:
+    return _GIN_PACKAGE_PROBE(config_path)
+  except TypeError as e:
+    raise ValueError(f"{config_path}: not a regular package") from e
+
+
+_GIN_PACKAGE_PROBE = gin.resource_reader._parse_config_path  # pylint: disable=protected-access
+gin.resource_reader._parse_config_path = _safe_package_probe  # pylint: disable=protected-access
+
+
 @contextlib.contextmanager
 def _quiet_include_probes() -> Iterator[None]:
   root = std_logging.getLogger()

@@ -116,3 +116,14 @@ def test_parsing_the_shipped_runs_logs_no_error(clean_gin, caplog):
   cli.parse_gin(["runs/refcoco_t5_xl.gin"], ["MODEL_DIR = '/tmp/never'"])
   errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
   assert not errors
+
+
+def test_includes_resolve_with_a_runs_folder_in_the_working_directory(clean_gin, tmp_path,
+                                                                      monkeypatch):
+  """The demo writes runs/<model dir>; evaluating from there must still find runs/train.gin
+  (gin's package probe used to crash on the namespace package `runs`)."""
+  (tmp_path / "runs" / "demo").mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  cli.parse_gin(["runs/demo.gin"], ["MODEL_DIR = 'runs/demo'"])
+  assert gin.query_parameter("evaluate.model_dir") is not None
