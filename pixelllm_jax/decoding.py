@@ -23,7 +23,6 @@ import jax.numpy as jnp
 
 from pixelllm_jax.batch import DECODER_START_ID, EOS_ID, PAD_ID
 
-
 Cache = Any
 DecodeStep = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
 

@@ -213,7 +213,6 @@ class Partitioner:
       with self.context():
         return jitted(*args, **kw)
 
-    call.lower = lambda *args, **kw: _in_context(self, jitted.lower, *args, **kw)
     return call
 
   def abstract_params(self, init_fn: Callable[[jax.Array], Any]) -> tuple[Any, Any]:
@@ -234,11 +233,6 @@ class Partitioner:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         nn.meta.unbox(boxed_abstract_params), self.shardings_of(boxed_abstract_params))
     return checkpoint.restore_params(checkpoint_dir, target, step=step)
-
-
-def _in_context(partitioner: Partitioner, fn: Callable, *args, **kwargs):
-  with partitioner.context():
-    return fn(*args, **kwargs)
 
 
 # ---- dtype policy

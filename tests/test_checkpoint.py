@@ -1,4 +1,4 @@
-"""Orbax round trips: train state + iterator state, restore onto another mesh, params only, bare params."""
+"""Orbax round trips: train + iterator state onto another mesh, params only, bare params."""
 import jax
 import numpy as np
 import pytest

@@ -42,7 +42,8 @@ def _imports_gin(path: str) -> bool:
 def test_only_the_edges_import_gin():
   modules = dict(_modules())
   assert len(modules) > 50 and "configurables.py" in modules
-  offenders = sorted(rel for rel, path in modules.items() if rel not in EDGES and _imports_gin(path))
+  offenders = sorted(rel for rel, path in modules.items()
+                     if rel not in EDGES and _imports_gin(path))
   assert not offenders, f"library modules importing gin: {offenders}"
 
 

@@ -154,7 +154,8 @@ def test_point_prompts_equal_the_box_grid_they_describe(model, params, batch):
 
 
 def test_dtype_policy_computes_in_bfloat16_with_float32_master_weights(batch):
-  policy = partitioning.DtypePolicy(compute_dtype="bfloat16", tower_dtypes=(("loc_head", "float32"),))
+  policy = partitioning.DtypePolicy(compute_dtype="bfloat16",
+                                    tower_dtypes=(("loc_head", "float32"),))
   model = PixelLLMModel(mf.toy_config(), dtype=policy)
   assert model.config.t5.dtype == model.config.eva02.dtype == jnp.bfloat16
   assert model.config.loc_head.dtype == jnp.float32 and model.config.dtype == jnp.bfloat16
@@ -167,7 +168,8 @@ def test_dtype_policy_computes_in_bfloat16_with_float32_master_weights(batch):
   params16 = jax.eval_shape(stored.init, jax.random.key(0), batch)
   assert {x.dtype for x in jax.tree.leaves(nn.meta.unbox(params16))} == {jnp.dtype("bfloat16")}
   with pytest.raises(ValueError, match="towers \\['vision'\\]"):
-    PixelLLMModel(mf.toy_config(), dtype=partitioning.DtypePolicy(tower_dtypes=(("vision", "bfloat16"),)))
+    PixelLLMModel(mf.toy_config(),
+                  dtype=partitioning.DtypePolicy(tower_dtypes=(("vision", "bfloat16"),)))
   with pytest.raises(ValueError, match="not a floating dtype"):
     partitioning.DtypePolicy(compute_dtype="int8")
 
@@ -180,7 +182,8 @@ def test_remat_policy_reaches_every_tower():
   with pytest.raises(ValueError, match="remat mode 'often'"):
     partitioning.RematPolicy(mode="often")
   with pytest.raises(ValueError, match="towers \\['loc_head'\\]"):
-    PixelLLMModel(mf.toy_config(), remat=partitioning.RematPolicy(tower_modes=(("loc_head", "block"),)))
+    PixelLLMModel(mf.toy_config(),
+                  remat=partitioning.RematPolicy(tower_modes=(("loc_head", "block"),)))
 
 
 def test_config_rejects_a_missing_image_tower():
