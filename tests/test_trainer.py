@@ -33,8 +33,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.opt_state),
                jax.device_get(full.state.opt_state))
   assert resumed.metrics["loss"] == full.metrics["loss"]
-  assert set(full.metrics) == {"loss", "caption_loss", "point_loss", "steps_per_second",
-                               "examples_per_second"}
+  assert set(full.metrics) == {"loss", "caption_loss", "point_loss", "nonfinite",
+                               "steps_per_second", "examples_per_second"}
   assert full.train_seconds > 0
 
   # Checkpoints at 3 and 6 hold the iterator position after that many batches.

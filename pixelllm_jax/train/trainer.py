@@ -6,10 +6,17 @@
   replicated) and the state donated (nanodo / big_vision). The dropout key is
   `fold_in(rng, state.step)`, so a run is a function of (seed, data) and a
   resumed run draws the same keys as an uninterrupted one.
+- A step whose loss or any gradient is not finite keeps the previous
+  parameters and optimizer state (the step counter still advances: the batch
+  is consumed) and reports `nonfinite` = 1; `train` stops the run after
+  `max_nonfinite_steps` such steps in a row (`guards.NonFiniteGuard`).
 - `train`: builds the state born sharded, resumes from the latest checkpoint in
-  `model_dir` (train state *and* iterator state), logs a console line and
-  TensorBoard scalars every `log_every` steps, checkpoints every
-  `checkpoint_every` steps and at the end.
+  `model_dir` (train state *and* iterator state), logs a console line,
+  TensorBoard scalars and a line of `model_dir/train/metrics.jsonl` every
+  `log_every` steps, checkpoints every `checkpoint_every` steps and at the
+  end. It holds `model_dir` for itself (`guards.ModelDirLock`), saves and
+  returns on SIGTERM (`TrainResult.preempted`), and stops at once when an
+  asynchronous save fails (`guards.SaveMonitor`).
 
 Contracts:
   model: a `model.BaseModel`; `model.loss(params, batch, rng) -> (float32[] loss,
@@ -37,7 +44,7 @@ from pixelllm_jax.batch import COUNT_PREFIX, Batch
 from pixelllm_jax.model import BaseModel
 from pixelllm_jax.partitioning import Partitioner
 from pixelllm_jax.train import checkpoint as ckpt
-from pixelllm_jax.train import metrics_writer, optim
+from pixelllm_jax.train import guards, metrics_writer, optim
 from pixelllm_jax.train import state as state_lib
 
 TrainStep = Callable[[state_lib.TrainState, Batch, jax.Array],
@@ -46,6 +53,13 @@ TrainStep = Callable[[state_lib.TrainState, Batch, jax.Array],
 
 def as_batch(example: Batch | Mapping[str, Any]) -> Batch:
   return example if isinstance(example, Batch) else Batch(**example)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """bool[]: every floating leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def make_train_step(model: BaseModel, optimizer: optax.GradientTransformation, *,
@@ -63,13 +77,16 @@ def make_train_step(model: BaseModel, optimizer: optax.GradientTransformation, *
     dropout_rng = jax.random.fold_in(rng, state.step)
     (loss, metrics), grads = jax.value_and_grad(
         lambda params: model.loss(params, batch, dropout_rng), has_aux=True)(state.params)
+    finite = jnp.isfinite(loss) & all_finite(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = state.replace(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        opt_state=opt_state,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
     )
-    return new_state, {**metrics, "loss": loss}
+    return new_state, {**metrics, "loss": loss, "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
   replicated = partitioner.replicated
   return partitioner.jit(
@@ -85,6 +102,8 @@ class TrainResult:
   state: state_lib.TrainState
   metrics: dict[str, float]   # averaged over the last logging window
   train_seconds: float        # wall clock of the loop (compilation and checkpointing included)
+  preempted: bool = False     # stopped early on SIGTERM, after saving a checkpoint
+  nonfinite_steps: int = 0    # steps whose update was skipped (non-finite loss or gradient)
 
 
 class _Window:
@@ -135,6 +154,13 @@ def progress_line(step: int, num_steps: int, metrics: Mapping[str, float]) -> st
   return "  ".join(parts)
 
 
+def append_metrics(model_dir: str, step: int, metrics: Mapping[str, float]) -> None:
+  """One JSON line `{"step": ..., **metrics}` in model_dir/train/metrics.jsonl (floats exact)."""
+  os.makedirs(os.path.join(model_dir, "train"), exist_ok=True)
+  with open(os.path.join(model_dir, "train", "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+
 def write_summary(model_dir: str, step: int, seconds: float, metrics: Mapping[str, float]) -> None:
   """model_dir/train_summary.json: steps and wall-clock training seconds, summed
   over resumed invocations, plus the last logged metrics."""
@@ -161,25 +187,39 @@ def train(
     checkpoint_every: int = 1000,
     keep_checkpoints: int | None = 3,
     init_checkpoint: str | None = None,
+    max_nonfinite_steps: int = 10,
     after_first_step: Callable[[str], None] | None = None,
 ) -> TrainResult:
   """Trains `model` for `num_steps` total steps (resuming if `model_dir` has a checkpoint).
 
   Args:
-    model_dir: checkpoints (model_dir/checkpoints) and TensorBoard events
-      (model_dir/train) go here.
+    model_dir: checkpoints (model_dir/checkpoints), TensorBoard events and
+      metrics.jsonl (model_dir/train) go here.
     partitioner: mesh and rules (default: all devices, rule set 'dp').
     seed: init key `split(key(seed))[0]`, dropout keys from `split(...)[1]`.
     init_checkpoint: a bare params tree (`checkpoint.save_params`) loaded over
       the fresh init; ignored when `model_dir` already has a checkpoint.
+    max_nonfinite_steps: consecutive steps with a non-finite loss or gradient
+      (their updates skipped) after which the run stops with `TrainingDiverged`.
     after_first_step: called with `model_dir` once the first step ran (the
       command line writes the operative gin config there).
 
   Returns:
-    TrainResult with the final state, the last window's averaged metrics and
-    the loop's wall-clock seconds.
+    TrainResult with the final state, the last window's averaged metrics, the
+    loop's wall-clock seconds and whether it stopped early on SIGTERM.
   """
   partitioner = Partitioner() if partitioner is None else partitioner
+  with guards.ModelDirLock(model_dir), guards.PreemptionNotice() as preemption:
+    return _train(model_dir=model_dir, model=model, train_data=train_data, num_steps=num_steps,
+                  optimizer=optimizer, partitioner=partitioner, seed=seed, log_every=log_every,
+                  checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                  init_checkpoint=init_checkpoint, after_first_step=after_first_step,
+                  nonfinite=guards.NonFiniteGuard(max_nonfinite_steps), preemption=preemption)
+
+
+def _train(*, model_dir, model, train_data, num_steps, optimizer, partitioner, seed, log_every,
+           checkpoint_every, keep_checkpoints, init_checkpoint, after_first_step,
+           nonfinite: guards.NonFiniteGuard, preemption: guards.PreemptionNotice) -> TrainResult:
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
   first_batch = _peek(train_data)
   model.check_batch(first_batch)
@@ -203,33 +243,68 @@ def train(
 
   train_step = make_train_step(model, optimizer, partitioner=partitioner,
                                state_shardings=shardings)
+  finite_params = partitioner.jit(all_finite, in_shardings=(shardings.params,),
+                                  out_shardings=partitioner.replicated)
+  saves = guards.SaveMonitor(manager)
+
+  def save(step: int, state) -> None:
+    nonfinite.flush()
+    if not bool(finite_params(state.params)):  # the guard makes this unreachable; never save it
+      raise guards.TrainingDiverged(f"step {step}: the parameters are not finite; not saved")
+    saves.check(wait=True)  # the previous save must have succeeded
+    ckpt.save(manager, step, state, train_data.get_state())
+    saves.started(step)
+
   train_rng = jax.device_put(train_rng, partitioner.replicated)
   writer = metrics_writer.MetricsWriter(os.path.join(model_dir, "train"))
   step = first_step = int(state.step)
   last_saved = step if restored is not None else None
-  window, metrics = _Window(), {}
+  window, metrics, preempted = _Window(), {}, False
   start = time.perf_counter()
-  while step < num_steps:
-    batch = partitioner.shard_batch(as_batch(next(train_data)))
-    state, step_metrics = train_step(state, batch, train_rng)
-    step += 1
-    window.add(step_metrics, batch.image.shape[0])
-    if step == first_step + 1 and after_first_step is not None and jax.process_index() == 0:
-      after_first_step(model_dir)
-    if step % log_every == 0 or step == num_steps:
-      metrics = window.close()
-      writer.write_scalars(step, metrics)
-      print(progress_line(step, num_steps, metrics), flush=True)
-      window = _Window()
-    if step % checkpoint_every == 0 or step == num_steps:
-      ckpt.save(manager, step, state, train_data.get_state())
-      last_saved = step
-  if last_saved != step:
-    ckpt.save(manager, step, state, train_data.get_state())
+  try:
+    while step < num_steps:
+      batch = partitioner.shard_batch(as_batch(next(train_data)))
+      state, step_metrics = train_step(state, batch, train_rng)
+      step += 1
+      nonfinite.add(step, step_metrics["nonfinite"])
+      saves.check()
+      window.add(step_metrics, batch.image.shape[0])
+      if step == first_step + 1 and after_first_step is not None and jax.process_index() == 0:
+        after_first_step(model_dir)
+      preempted = preemption.requested(step)
+      if step % log_every == 0 or step == num_steps or preempted:
+        metrics = window.close()
+        writer.write_scalars(step, metrics)
+        if jax.process_index() == 0:
+          append_metrics(model_dir, step, metrics)
+        print(progress_line(step, num_steps, metrics), flush=True)
+        window = _Window()
+      if step % checkpoint_every == 0 or step == num_steps or preempted:
+        save(step, state)
+        last_saved = step
+      if preempted:
+        print(f"Preempted (SIGTERM): checkpoint of step {step} saved in {model_dir}; "
+              "run the same command again to resume", flush=True)
+        break
+    if last_saved != step:
+      save(step, state)
+    nonfinite.flush()
+    saves.check(wait=True)
+  except BaseException:
+    # The run stops with an error: saves already under way still complete, so the
+    # checkpoints written so far stay usable; the first error is the one reported.
+    try:
+      manager.wait_until_finished()
+      manager.close()
+    except Exception as close_error:  # pylint: disable=broad-except
+      print(f"(while stopping: {type(close_error).__name__}: {close_error})", flush=True)
+    writer.close()
+    raise
   manager.wait_until_finished()
-  train_seconds = time.perf_counter() - start
   writer.close()
   manager.close()
+  train_seconds = time.perf_counter() - start
   if jax.process_index() == 0:
     write_summary(model_dir, step, train_seconds, metrics)
-  return TrainResult(state=state, metrics=metrics, train_seconds=train_seconds)
+  return TrainResult(state=state, metrics=metrics, train_seconds=train_seconds,
+                     preempted=preempted, nonfinite_steps=nonfinite.total)
