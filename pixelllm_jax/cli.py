@@ -12,15 +12,30 @@ Flags (absl; `python -m pixelllm_jax.train --help` lists them):
   --gin_search_paths  (repeatable) extra directories for --gin_file and gin `include`s.
   --coordinator_address / --process_count / --process_index
                       multi-process runs: passed to `jax.distributed.initialize`.
+  --heartbeat_timeout_seconds
+                      multi-process runs: a process that stops answering for this long
+                      (e.g. killed) ends the others with an error instead of a hang.
+  --allow_config_change
+                      resume (or evaluate) although the configuration differs from the one
+                      the checkpoints were made with (see train/run_record.py).
+
+Start-up checks, before any data is prepared (gin_checks.py): a macro bound on the command line
+that no config file defines or uses is an error (a typo would make a new macro), and so is a
+`%gin.REQUIRED` value the entry point would receive. `startup_record` adds the tokenizer:
+its size against the model's vocabulary, and its file's hash to the run record.
 """
 import contextlib
+import copy
+import hashlib
 import logging as std_logging
 import os
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import gin
 import jax
 from absl import app, flags, logging
+
+from pixelllm_jax import gin_checks
 
 DEFAULT_GIN_SEARCH_PATH = os.path.normpath(
     os.path.join(os.path.dirname(__file__), "..", "gin_configs"))
@@ -32,6 +47,10 @@ flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories to search f
 flags.DEFINE_string("coordinator_address", None, "Multi-process: coordinator host:port.")
 flags.DEFINE_integer("process_count", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_index", None, "Multi-process: this process's index.")
+flags.DEFINE_integer("heartbeat_timeout_seconds", 60,
+                     "Multi-process: a process silent this long ends the run with an error.")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume / evaluate although the configuration changed (it is intended).")
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -110,7 +129,11 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
     gin.add_config_file_search_path(path)
   files = [resolve_gin_file(f, paths) for f in gin_files]
   with _quiet_include_probes():
-    gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=False)
+    gin.parse_config_files_and_bindings(files, [], finalize_config=False)
+  problems = gin_checks.unknown_macros(gin_bindings, gin_checks.known_macros(gin_checks.bindings()))
+  if problems:
+    raise ValueError("unknown macro on the command line:\n  " + "\n  ".join(problems))
+  gin.parse_config(list(gin_bindings))
 
 
 def write_operative_config(model_dir: str) -> None:
@@ -120,9 +143,10 @@ def write_operative_config(model_dir: str) -> None:
     f.write(gin.operative_config_str())
 
 
-def start(argv: Sequence[str]) -> None:
+def start(argv: Sequence[str], entry: str | None = None) -> None:
   """The common start of a gin command line once absl parsed its flags: no stray
-  arguments, `jax.distributed` for multi-process runs, quiet logs, gin parsed."""
+  arguments, `jax.distributed` for multi-process runs, quiet logs, gin parsed, and no
+  `%gin.REQUIRED` value left for `entry` (the gin name of the entry point)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
   if FLAGS.coordinator_address:
@@ -130,10 +154,46 @@ def start(argv: Sequence[str]) -> None:
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.process_count,
         process_id=FLAGS.process_index,
+        heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds,
     )
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+  if entry is not None:
+    missing = gin_checks.missing_required(entry)
+    if missing:
+      raise app.UsageError(
+          f"{entry} needs values the config leaves %gin.REQUIRED: " + ", ".join(missing)
+          + " (give them as --gin." + "=... --gin.".join(missing) + "=...)")
+
+
+def build(name: str) -> Any:
+  """The object gin builds for binding `name` (e.g. 'train.model'), or None if unbound."""
+  try:
+    reference = gin.query_parameter(name)
+  except ValueError:
+    return None
+  return copy.deepcopy(reference)  # evaluates @Configurable() references
+
+
+def startup_record(entry: str, data_binding: str) -> dict[str, str]:
+  """The run record of `entry` (gin_checks.run_record), plus the tokenizer: its file's hash
+  and size, checked against the model's vocabulary before anything is prepared.
+
+  `data_binding` names the entry's DataConfig (e.g. 'train_data.data'); configs without one
+  (toy runs) get the gin record alone.
+  """
+  record = gin_checks.run_record()
+  data, model = build(data_binding), build(f"{entry}.model")
+  if data is None:
+    return record
+  tokenizer = data.tokenizer()
+  with open(data.tokenizer_file, "rb") as f:
+    record["tokenizer.sha256"] = hashlib.sha256(f.read()).hexdigest()
+  record["tokenizer.vocab_size"] = str(tokenizer.vocab_size)
+  if model is not None:
+    model.check_vocab(tokenizer.vocab_size, where=data.tokenizer_file)
+  return record
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

@@ -88,6 +88,10 @@ class BaseModel(abc.ABC):
     """Raises a clear error when `batch` cannot be what this model reads."""
     del batch
 
+  def check_vocab(self, vocab_size: int, where: str = "the tokenizer") -> None:
+    """Raises a clear error when token ids up to `vocab_size` do not fit the model."""
+    del vocab_size, where
+
 
 def _inputs(batch: Batch) -> dict[str, jax.Array]:
   """The composer's arguments, from the batch fields of the same names."""
@@ -189,6 +193,13 @@ class PixelLLMModel(BaseModel):
 
   def trainable(self, path: Sequence[str]) -> bool:
     return self.config.trainable(path)
+
+  def check_vocab(self, vocab_size: int, where: str = "the tokenizer") -> None:
+    if vocab_size > self.config.t5.vocab_size:
+      raise ValueError(
+          f"{where} has {vocab_size} ids (pieces + extra ids) but the model's vocabulary holds "
+          f"{self.config.t5.vocab_size} (T5Config.vocab_size): larger ids would index past "
+          "the embedding table; give a model vocabulary of at least the tokenizer's size")
 
   def check_batch(self, batch: Batch) -> None:
     size = self.config.image_size

@@ -18,7 +18,7 @@ import pytest
 from pixelllm_jax import cli, configurables
 
 PACKAGE = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "pixelllm_jax"))
-EDGES = {"configurables.py", "cli.py", "convert/__main__.py"}
+EDGES = {"configurables.py", "cli.py", "gin_checks.py", "convert/__main__.py"}
 
 
 def _modules():

@@ -53,9 +53,15 @@ class DataConfig:
     """The tfds builder that feeds `task`."""
     return dict(self.task_builders).get(task, tasks.get(task).builder)
 
+  @property
+  def tokenizer_file(self) -> str:
+    return self.tokenizer_path or os.path.join(self.manual_dir, "spiece.model")
+
   def tokenizer(self) -> Tokenizer:
-    path = self.tokenizer_path or os.path.join(self.manual_dir, "spiece.model")
-    return Tokenizer.from_file(path, extra_ids=self.extra_ids)
+    if not os.path.exists(self.tokenizer_file):
+      raise FileNotFoundError(f"tokenizer {self.tokenizer_file} not found (DataConfig."
+                              f"{'tokenizer_path' if self.tokenizer_path else 'manual_dir'})")
+    return Tokenizer.from_file(self.tokenizer_file, extra_ids=self.extra_ids)
 
   def data_source(self, task: str, split: str):
     """The random-access source of `task`'s builder for `split` (prepared on first use).

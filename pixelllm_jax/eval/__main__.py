@@ -9,9 +9,12 @@ from pixelllm_jax import cli
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
-  cli.start(argv)
-  from pixelllm_jax import configurables  # pylint: disable=import-outside-toplevel
-  return configurables.evaluate()
+  cli.start(argv, entry="evaluate")
+  from pixelllm_jax import configurables, gin_checks  # pylint: disable=import-outside-toplevel
+  record = cli.startup_record("evaluate", "evaluate.data")
+  model_record = {k: record[k] for k in gin_checks.model_keys(record)}
+  return configurables.evaluate(run_record=model_record,
+                                allow_config_change=cli.FLAGS.allow_config_change)
 
 
 def run() -> None:

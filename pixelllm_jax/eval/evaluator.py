@@ -10,7 +10,7 @@ PNG visualizations and every prediction under MODEL_DIR/eval/.
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -21,6 +21,7 @@ from pixelllm_jax.data import pipeline
 from pixelllm_jax.data.sources import DataConfig
 from pixelllm_jax.model import BaseModel, DecodeSettings
 from pixelllm_jax.partitioning import Partitioner
+from pixelllm_jax.train import run_record as run_record_lib
 from pixelllm_jax.train import state as state_lib
 
 
@@ -64,7 +65,8 @@ def evaluate(*, model_dir: str, model: BaseModel, data: DataConfig,
              split: str = "test", tasks: Sequence[str] | None = None,
              batch_size: int = 32, num_slots: int = 4, num_prompts: int = 4,
              scenes_path: str | None = None, num_visualizations: int = 8,
-             canvas_size: int | None = None) -> dict[str, Any]:
+             canvas_size: int | None = None, run_record: Mapping[str, str] | None = None,
+             allow_config_change: bool = False) -> dict[str, Any]:
   """Evaluates the latest checkpoint of `model_dir`; writes metrics.json and PNGs.
 
   `tasks`: the tasks to evaluate, each on its own evaluation (default: every
@@ -73,12 +75,18 @@ def evaluate(*, model_dir: str, model: BaseModel, data: DataConfig,
   as training does with `train_data.canvas_size` (needed for real datasets).
   `scenes_path`: the generated world's scene ground truth (trace pointing
   accuracy); default `<manual_dir>/scenes/<split>.jsonl` when it exists.
+  `run_record`: the model's part of the run record (the command line gives it);
+  evaluation stops if it differs from the one the checkpoints were made with,
+  unless `allow_config_change`.
   """
   start = time.perf_counter()
   partitioner = Partitioner() if partitioner is None else partitioner
   tasks = task_registry.TASKS if tasks is None else tuple(tasks)
   task_registry.check_names(tasks, "evaluate.tasks")
   partitioner.check_batch_size(batch_size, "evaluate.batch_size")
+  if run_record is not None:
+    run_record_lib.check(model_dir, run_record, what="evaluating", allow=allow_config_change,
+                         keys=run_record.keys())
   tokenizer = data.tokenizer()
   out_dir = os.path.join(model_dir, "eval")
   os.makedirs(out_dir, exist_ok=True)

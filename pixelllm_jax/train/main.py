@@ -19,11 +19,13 @@ from pixelllm_jax.train import trainer
 
 def run(argv: Sequence[str]) -> trainer.TrainResult:
   """The entry after absl parsed flags: gin, then the gin-configured `train()`."""
-  cli.start(argv)
+  cli.start(argv, entry="train")
   from pixelllm_jax import configurables  # pylint: disable=import-outside-toplevel
   logging.info("Devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
-  result = configurables.train(after_first_step=cli.write_operative_config)
+  record = cli.startup_record("train", "train_data.data")
+  result = configurables.train(after_first_step=cli.write_operative_config, run_record=record,
+                               allow_config_change=cli.FLAGS.allow_config_change)
   logging.info("Done: %s in %.1f s", result.metrics, result.train_seconds)
   return result
 

@@ -45,6 +45,7 @@ from pixelllm_jax.model import BaseModel
 from pixelllm_jax.partitioning import Partitioner
 from pixelllm_jax.train import checkpoint as ckpt
 from pixelllm_jax.train import guards, metrics_writer, optim
+from pixelllm_jax.train import run_record as run_record_lib
 from pixelllm_jax.train import state as state_lib
 
 TrainStep = Callable[[state_lib.TrainState, Batch, jax.Array],
@@ -188,6 +189,8 @@ def train(
     keep_checkpoints: int | None = 3,
     init_checkpoint: str | None = None,
     max_nonfinite_steps: int = 10,
+    run_record: Mapping[str, str] | None = None,
+    allow_config_change: bool = False,
     after_first_step: Callable[[str], None] | None = None,
 ) -> TrainResult:
   """Trains `model` for `num_steps` total steps (resuming if `model_dir` has a checkpoint).
@@ -201,6 +204,9 @@ def train(
       the fresh init; ignored when `model_dir` already has a checkpoint.
     max_nonfinite_steps: consecutive steps with a non-finite loss or gradient
       (their updates skipped) after which the run stops with `TrainingDiverged`.
+    run_record: what determines the results (`train/run_record.py`; the command
+      line gives it). A fresh run keeps it in model_dir; a resumed run whose
+      record differs stops with `RunConfigChanged` unless `allow_config_change`.
     after_first_step: called with `model_dir` once the first step ran (the
       command line writes the operative gin config there).
 
@@ -214,21 +220,28 @@ def train(
                   optimizer=optimizer, partitioner=partitioner, seed=seed, log_every=log_every,
                   checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                   init_checkpoint=init_checkpoint, after_first_step=after_first_step,
-                  nonfinite=guards.NonFiniteGuard(max_nonfinite_steps), preemption=preemption)
+                  nonfinite=guards.NonFiniteGuard(max_nonfinite_steps), preemption=preemption,
+                  run_record=run_record, allow_config_change=allow_config_change)
 
 
 def _train(*, model_dir, model, train_data, num_steps, optimizer, partitioner, seed, log_every,
            checkpoint_every, keep_checkpoints, init_checkpoint, after_first_step,
-           nonfinite: guards.NonFiniteGuard, preemption: guards.PreemptionNotice) -> TrainResult:
+           nonfinite: guards.NonFiniteGuard, preemption: guards.PreemptionNotice,
+           run_record, allow_config_change) -> TrainResult:
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
+  manager = ckpt.make_manager(os.path.join(model_dir, "checkpoints"),
+                              max_to_keep=keep_checkpoints)
+  if run_record is not None and manager.latest_step() is not None:
+    run_record_lib.check(model_dir, run_record, what="resuming", allow=allow_config_change,
+                         write=jax.process_index() == 0)
+  elif run_record is not None and jax.process_index() == 0:
+    run_record_lib.save(model_dir, run_record)  # a fresh start: this run's record
   first_batch = _peek(train_data)
   model.check_batch(first_batch)
   partitioner.check_batch_size(first_batch.image.shape[0] * jax.process_count(), "training")
   optimizer = optim.with_frozen(optimizer, model.trainable)
   spec = state_lib.state_spec(model, first_batch, optimizer, partitioner)
   shardings = spec.shardings
-  manager = ckpt.make_manager(os.path.join(model_dir, "checkpoints"),
-                              max_to_keep=keep_checkpoints)
   restored = ckpt.restore(manager, spec.abstract, shardings)  # never initializes first
   if restored is not None:
     state, data_state = restored
