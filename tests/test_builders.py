@@ -307,3 +307,43 @@ def test_box_conversion():
 def test_unknown_builder_name():
   with pytest.raises(ValueError, match="unknown builder"):
     common.prepare("coco", "world", "/tmp", "/tmp")
+
+
+def _ln_world(manual, narratives):
+  (manual / "localized_narratives").mkdir(parents=True, exist_ok=True)
+  for split, image_ids in (("train", (1, 2)), ("val", (4,)), ("test", (5,))):
+    for image_id in image_ids:
+      _png(f"{manual}/images/world_{split}_{image_id:06d}.png")
+    rows = narratives if split == "train" else [_narrative(i, 0) for i in image_ids]
+    (manual / "localized_narratives" / f"world_{split}_localized_narratives.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_changed_source_is_prepared_again_never_served_stale(tmp_path, capsys):
+  manual, data = tmp_path / "manual", str(tmp_path / "data")
+  _ln_world(manual, [_narrative(1, 0), _narrative(2, 0)])
+  first = common.prepare("localized_narratives", "world", str(manual), data)
+  assert len(first.as_data_source("train")) == 2
+  stored = json.load(open(os.path.join(first.data_dir, common.SOURCES_FILE)))
+  assert "localized_narratives/world_train_localized_narratives.jsonl" in stored["files"]
+  assert "images" in stored["files"]
+  # The annotation file is edited after preparation: one narrative more, another caption.
+  (manual / "localized_narratives" / "world_train_localized_narratives.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in [_narrative(1, 0, caption="a green disc"),
+                                             _narrative(2, 0), _narrative(2, 1)]))
+  capsys.readouterr()
+  again = common.prepare("localized_narratives", "world", str(manual), data)
+  out = capsys.readouterr().out
+  assert "sources changed since it was prepared: " \
+         "localized_narratives/world_train_localized_narratives.jsonl (changed)" in out
+  source = again.as_data_source("train")
+  assert len(source) == 3
+  assert b"a green disc" in {source[i]["caption"] for i in range(len(source))}
+  # Unchanged sources: reused as they are.
+  capsys.readouterr()
+  common.prepare("localized_narratives", "world", str(manual), data)
+  assert "preparing it again" not in capsys.readouterr().out
+  # Prepared data on a host without the manual dir: served, with a note.
+  moved = common.prepare("localized_narratives", "world", str(tmp_path / "elsewhere"), data)
+  assert len(moved.as_data_source("train")) == 3
+  assert "unchecked" in capsys.readouterr().out

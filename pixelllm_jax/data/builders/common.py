@@ -13,6 +13,13 @@
   `data_dir` (runs of a sweep started together) take turns through a file
   lock; the first prepares, the rest reuse its files. Multi-host runs order
   the hosts in `sources.data_source` (process 0 first).
+- A prepared dataset records a fingerprint of its sources (`sources.json` in
+  its version dir): every file or folder the builder asked `check_files_exist`
+  for, with its size (a folder: its number of entries) and modification time.
+  When the sources are present and differ, `prepare` says which changed and
+  prepares the dataset again, so stale records are never served. When they are
+  absent (prepared data copied to a host without the manual dir), the prepared
+  data is served as it is, with a note.
 """
 import collections
 import contextlib
@@ -23,6 +30,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 from typing import Any, Iterable
 
 import numpy as np
@@ -104,6 +112,9 @@ def check_files_exist(dataset: str, root: os.PathLike | str, patterns: Iterable[
   Returns {pattern: sorted matching paths}.
   """
   root = os.fspath(root)
+  patterns = list(patterns)
+  if _SOURCE_PATTERNS is not None:
+    _SOURCE_PATTERNS.extend(p for p in patterns if p not in _SOURCE_PATTERNS)
   found = {p: sorted(glob.glob(os.path.join(root, p))) for p in patterns}
   missing = [p for p, paths in found.items() if not paths]
   if missing:
@@ -113,6 +124,32 @@ def check_files_exist(dataset: str, root: os.PathLike | str, patterns: Iterable[
         f"{dataset}: {len(missing)} of {len(found)} expected files are missing under the "
         f"manual dir {root}:\n{lines}")
   return found
+
+
+# Patterns (relative to the manual dir) of what the builder being prepared reads.
+_SOURCE_PATTERNS: list[str] | None = None
+SOURCES_FILE = "sources.json"
+
+
+def source_fingerprint(manual_dir: str, patterns: Iterable[str]) -> dict[str, list[int]]:
+  """{path relative to manual_dir: [entries or size, mtime_ns]} of every match of `patterns`."""
+  out = {}
+  for pattern in patterns:
+    for path in sorted(glob.glob(os.path.join(manual_dir, pattern))):
+      stat = os.stat(path)
+      size = len(os.listdir(path)) if os.path.isdir(path) else stat.st_size
+      out[os.path.relpath(path, manual_dir)] = [size, stat.st_mtime_ns]
+  return out
+
+
+def _changed_sources(stored: dict, manual_dir: str) -> list[str] | None:
+  """The sources that changed since preparation; None when they cannot be checked here."""
+  current = source_fingerprint(manual_dir, stored["patterns"])
+  if not current:
+    return None
+  old, new = stored["files"], current
+  return sorted({f"{p} ({'gone' if p not in new else 'new' if p not in old else 'changed'})"
+                 for p in set(old) | set(new) if old.get(p) != new.get(p)})
 
 
 def load_json(path: str) -> Any:
@@ -236,12 +273,36 @@ def prepare(builder_name: str, config_name: str, manual_dir: str, data_dir: str)
     raise ValueError(f"unknown builder {builder_name!r}; known: {sorted(BUILDERS)}")
   module_name, class_name = BUILDERS[builder_name]
   builder_cls = getattr(importlib.import_module(module_name), class_name)
+  name = f"{builder_name}/{config_name}"
   with _exclusive(data_dir, f"{builder_name}-{config_name}"):
     # Built inside the lock: a builder made before another process finished would not
     # see the finished version and would prepare again.
     builder = builder_cls(config=config_name, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    sources_path = os.path.join(builder.data_dir, SOURCES_FILE)
+    if os.path.exists(sources_path):
+      with open(sources_path) as f:
+        changed = _changed_sources(json.load(f), manual_dir)
+      if changed is None:
+        print(f"{name}: its sources are not under {manual_dir}; serving the prepared data "
+              f"in {builder.data_dir} unchecked")
+      elif changed:
+        print(f"{name}: sources changed since it was prepared: {', '.join(changed)}; "
+              "preparing it again")
+        shutil.rmtree(builder.data_dir)
+        builder = builder_cls(config=config_name, data_dir=data_dir, file_format="array_record")
+    prepared_before = os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+    global _SOURCE_PATTERNS
+    _SOURCE_PATTERNS = []
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      patterns = _SOURCE_PATTERNS
+    finally:
+      _SOURCE_PATTERNS = None
+    if not prepared_before:
+      with open(sources_path, "w") as f:
+        json.dump({"patterns": patterns, "files": source_fingerprint(manual_dir, patterns)}, f,
+                  indent=1)
   skipped = {split: counts for split, counts in skipped_counts(builder).items() if counts}
   print(f"{builder_name}/{config_name} in {builder.data_dir}: "
         f"{'skipped ' + json.dumps(skipped) if skipped else 'nothing skipped'}")
