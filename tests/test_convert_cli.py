@@ -264,3 +264,32 @@ def test_module_entry_point_exits_with_the_error(sources, tmp_path):
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert "token_embedder/embedding" in proc.stderr
+
+
+def test_source_errors_name_the_file_or_key_before_any_work(sources, tmp_path, monkeypatch):
+  # A missing --t5 path is named as such (it used to surface as a missing config.json), before
+  # the model is even built.
+  built = []
+  monkeypatch.setattr(sys.modules["pixelllm_jax.convert.__main__"], "build_model",
+                      lambda *a, **k: built.append(1))
+  with pytest.raises(common.SourceError, match=r"--t5 .*/no_t5: no such file or directory"):
+    main(_args(sources, tmp_path / "out", sam=False)[:1] + [
+        f"--t5={tmp_path / 'no_t5'}", f"--out={tmp_path / 'out'}"])
+  assert not built
+
+
+def test_a_corrupt_weight_file_is_named(sources, tmp_path):
+  broken = tmp_path / "eva02.safetensors"
+  broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+  with pytest.raises(common.SourceError, match=r"eva02.safetensors: cannot read the weights"):
+    main([f"--model_gin={sources['gin']}", f"--eva02={broken}", f"--out={tmp_path / 'out'}"])
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_tensor_of_the_wrong_rank_is_named_with_its_key(sources, tmp_path):
+  state = {k: v.clone() for k, v in torch.load(sources["eva02"], weights_only=True).items()}
+  state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"].flatten(1)  # rank 4 -> 2
+  path = tmp_path / "eva02_bad.pth"
+  torch.save(state, path)
+  with pytest.raises(common.ConversionError, match=r"patch_embed.proj.weight \(64, 192\)"):
+    main([f"--model_gin={sources['gin']}", f"--eva02={path}", f"--out={tmp_path / 'out'}"])

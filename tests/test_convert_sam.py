@@ -309,6 +309,14 @@ def test_mismatch_errors_list_every_offending_key(hf, original_pth):
       prompt_encoder=configs.prompt_encoder, mask_decoder=configs.mask_decoder)
   with pytest.raises(common.ConversionError, match=r"image_encoder/patch_embed/kernel"):
     convert_sam.convert_original_sam(original_pth[0], wrong)
+  # A tensor of the wrong rank (the 4-D patch conv flattened) is named with its key.
+  flat_conv = {k: v.numpy() for k, v in original_pth[0].items()}
+  flat_conv["image_encoder.patch_embed.proj.weight"] = flat_conv[
+      "image_encoder.patch_embed.proj.weight"].reshape(32, -1)
+  with pytest.raises(common.ConversionError,
+                     match=r"image_encoder.patch_embed.proj.weight \(32, 192\).*cannot be "
+                     r"converted"):
+    convert_sam.convert_original_sam(flat_conv, configs)
 
 
 def test_components_subset_and_hf_names(hf):

@@ -300,8 +300,14 @@ def test_load_state_dict_rejects_unknown_files(tmp_path):
   (tmp_path / "weights.npz").write_bytes(b"")
   with pytest.raises(ValueError, match="unknown weight file type"):
     common.load_state_dict(str(tmp_path / "weights.npz"))
-  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+  with pytest.raises(common.SourceError, match="model.safetensors"):
     common.load_state_dict(str(tmp_path))
+  # A corrupt file is named, with what went wrong.
+  (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+  with pytest.raises(common.SourceError, match=r"broken.safetensors: cannot read the weights"):
+    common.load_state_dict(str(tmp_path / "broken.safetensors"))
+  with pytest.raises(common.SourceError, match=r"weights .*/nowhere: no such file"):
+    common.load_state_dict(str(tmp_path / "nowhere"))
   wrapped = tmp_path / "wrapped.pth"
   torch.save({"model": {"w": torch.ones(2, dtype=torch.bfloat16)}, "epoch": 3}, wrapped)
   sd = common.load_state_dict(str(wrapped))

@@ -70,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> assemble_lib.Assembled:
   out = os.path.abspath(args.out)
   if os.path.exists(out):
     raise SystemExit(f"--out {out} already exists; give a new directory")
+  from pixelllm_jax.convert import common  # pylint: disable=import-outside-toplevel
+  for flag in ("t5", "sam", "eva02"):  # before any work: every source must exist
+    if getattr(args, flag):
+      common.require_path(getattr(args, flag), f"--{flag}")
   start = time.perf_counter()
   model = build_model(args.model_gin, args.gin_bindings, args.gin_search_paths)
   sources = assemble_lib.Sources(t5=args.t5, t5_format=args.t5_format, sam=args.sam,
@@ -87,7 +91,7 @@ def cli() -> None:
   from pixelllm_jax.convert import common  # pylint: disable=import-outside-toplevel
   try:
     main()
-  except (assemble_lib.AssemblyError, common.ConversionError) as e:
+  except (assemble_lib.AssemblyError, common.ConversionError, common.SourceError) as e:
     raise SystemExit(f"pixelllm-convert: {e}") from None
 
 

@@ -29,7 +29,6 @@ an accelerator. The adapters are computed by a jitted init that returns only the
 (XLA drops the rest), so the base model is never initialized.
 """
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
@@ -110,8 +109,7 @@ def model_shapes(model: PixelLLMModel) -> dict[str, tuple[int, ...]]:
 
 def _t5_config_mismatches(directory: str, config: t5_model.T5Config) -> list[str]:
   from pixelllm_jax.convert import t5 as convert_t5  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(directory, "config.json")) as f:
-    source = convert_t5.hf_config_to_t5(json.load(f))
+  source = convert_t5.hf_config_to_t5(convert_t5.read_hf_config(directory))
   return [f"T5Config.{name}: checkpoint config.json has {getattr(source, name)!r}, "
           f"the model {getattr(config, name)!r}"
           for name in _T5_MATH_FIELDS if getattr(source, name) != getattr(config, name)]
@@ -121,6 +119,7 @@ def convert_t5(path: str, fmt: str, config: t5_model.T5Config
                ) -> tuple[dict, common.ConversionReport]:
   """Base (LoRA-free) T5 params for `config` from a Hugging Face or T5X checkpoint."""
   from pixelllm_jax.convert import t5 as convert_t5  # pylint: disable=import-outside-toplevel
+  common.require_path(path, "--t5")
   if fmt == "t5x":
     return convert_t5.load_t5x_checkpoint(path, config, return_report=True)
   directory = path if os.path.isdir(path) else os.path.dirname(path)

@@ -39,6 +39,17 @@ _TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 
 
+class SourceError(ValueError):
+  """A source file or directory cannot be read; the message names it."""
+
+
+def require_path(path: str, what: str) -> str:
+  """`path` if it exists, else SourceError naming it and what it was given for."""
+  if not os.path.exists(path):
+    raise SourceError(f"{what} {path}: no such file or directory")
+  return path
+
+
 class ConversionError(ValueError):
   """A source does not fit the target model; `.report` holds the details."""
 
@@ -83,12 +94,16 @@ def _load_torch(path: str) -> StateDict:
 
 
 def _load_file(path: str) -> StateDict:
-  if path.endswith(".safetensors"):
-    return _load_safetensors(path)
-  if path.endswith(_TORCH_SUFFIXES):
-    return _load_torch(path)
-  raise ValueError(f"{path}: unknown weight file type (want .safetensors, "
-                   f"{', '.join(_TORCH_SUFFIXES)} or a *.index.json)")
+  require_path(path, "weight file")
+  if not path.endswith((".safetensors", *_TORCH_SUFFIXES)):
+    raise SourceError(f"{path}: unknown weight file type (want .safetensors, "
+                      f"{', '.join(_TORCH_SUFFIXES)} or a *.index.json)")
+  try:
+    return _load_safetensors(path) if path.endswith(".safetensors") else _load_torch(path)
+  except SourceError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (corrupt, truncated, not weights)
+    raise SourceError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from e
 
 
 def _load_sharded(index_path: str) -> StateDict:
@@ -110,12 +125,12 @@ def find_weight_file(directory: str) -> str:
     candidate = os.path.join(directory, name)
     if os.path.isfile(candidate):
       return candidate
-  raise FileNotFoundError(f"{directory}: none of {HF_WEIGHT_FILES}")
+  raise SourceError(f"{directory}: none of the weight files {HF_WEIGHT_FILES}")
 
 
 def load_state_dict(path: str) -> StateDict:
   """Reads weights from a file or a Hugging Face model directory (see the module docstring)."""
-  path = os.fspath(path)
+  path = require_path(os.fspath(path), "weights")
   if os.path.isdir(path):
     path = find_weight_file(path)
   if path.endswith(".index.json"):
@@ -212,7 +227,15 @@ class Reader:
     if target:
       self.report.origins[target] = key
     value = np.asarray(to_numpy(self.source[key]), dtype=np.float32)
-    return transform(value) if transform is not None else value
+    if transform is None:
+      return value
+    try:
+      return transform(value)
+    except (ValueError, IndexError, TypeError) as e:  # e.g. a tensor of the wrong rank
+      self.report.mismatched.append(
+          f"{key} {tuple(value.shape)}{f' (for {target})' if target else ''}: cannot be "
+          f"converted ({type(e).__name__}: {e})")
+      return None
 
   def ignore(self, key: str, reason: str) -> None:
     if key in self.source:

@@ -374,8 +374,16 @@ def convert(state_dict: Mapping[str, Any], configs: SamConfigs, *, fmt: str,
       for other in present[1:]:  # tied copies (HF saves one, state_dict() both): must agree
         if not np.array_equal(arrays[-1], reader.get(other, target=target)):
           report.mismatched.append(f"{present[0]} and {other} are tied copies but differ")
-    flat[target] = None if any(a is None for a in arrays) else np.asarray(
-        rule.fn(*arrays), dtype=np.float32)
+    flat[target] = None
+    if all(a is not None for a in arrays):
+      try:
+        flat[target] = np.asarray(rule.fn(*arrays), dtype=np.float32)
+      except (ValueError, IndexError, TypeError) as e:  # e.g. a tensor of the wrong rank
+        keys = [next((n for n in alternatives if reader.has(n)), alternatives[0])
+                for alternatives in rule.sources]
+        shapes = ", ".join(f"{k} {tuple(a.shape)}" for k, a in zip(keys, arrays))
+        report.mismatched.append(f"{shapes} (for {target}): cannot be converted "
+                                 f"({type(e).__name__}: {e})")
   expected = {f"{component}/{path}": shape
               for component, shapes in expected_shapes(configs).items()
               if component in components for path, shape in shapes.items()}

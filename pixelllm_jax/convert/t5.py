@@ -198,10 +198,9 @@ def load_hf_t5(path_or_dir: str, *, strict: bool = True, return_report: bool = F
   `lora=LoraConfig(rank=32)`, `dropout_rate=0.1`, `dtype=jnp.bfloat16`); the params are always
   the base model's (add adapters with `with_fresh_lora`).
   """
-  path_or_dir = os.fspath(path_or_dir)
+  path_or_dir = common.require_path(os.fspath(path_or_dir), "T5 checkpoint")
   directory = path_or_dir if os.path.isdir(path_or_dir) else os.path.dirname(path_or_dir)
-  with open(os.path.join(directory, "config.json")) as f:
-    hf = json.load(f)
+  hf = read_hf_config(directory)
   config = hf_config_to_t5(hf, **config_overrides)
   state_dict = common.load_state_dict(path_or_dir)
   notes = []
@@ -215,6 +214,15 @@ def load_hf_t5(path_or_dir: str, *, strict: bool = True, return_report: bool = F
                                      source=path_or_dir)
   report.notes.extend(notes)
   return (params, config, report) if return_report else (params, config)
+
+
+def read_hf_config(directory: str) -> dict:
+  path = common.require_path(os.path.join(directory, "config.json"), "the T5 checkpoint's")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise common.SourceError(f"{path}: not a readable config.json ({e})") from e
 
 
 # ---- T5X ------------------------------------------------------------------------------------
