@@ -175,6 +175,17 @@ class Partitioner:
     """Leading axis over the batch axes, the rest replicated."""
     return NamedSharding(self.mesh, P(self.batch_axes))
 
+  def replicate(self, value: Any) -> jax.Array:
+    """A global array holding `value` (the same on every process) on every device.
+
+    `jax.device_put` cannot place a host value on devices of other processes;
+    this works in single- and multi-process runs. PRNG keys keep their type.
+    """
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(self.replicate(jax.random.key_data(value)),
+                                      impl=jax.random.key_impl(value))
+    return jax.make_array_from_process_local_data(self.replicated, np.asarray(value))
+
   def shard_batch(self, batch: Any) -> Any:
     """Per-process numpy leaves -> global arrays split over the batch axes."""
     spec = self.batch_sharding()

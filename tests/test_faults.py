@@ -177,14 +177,41 @@ def test_a_failed_asynchronous_save_stops_the_run_at_once(tmp_path, monkeypatch)
       raise OSError(28, "No space left on device")
     return await real(rslices, tensorstore_spec, **kwargs)
 
+  class SlowAfterStep10(ToyIterator):
+    """Half a second per step after the failing save starts, so that "at once" (before the
+    next save is due) does not depend on how fast a loaded machine runs the toy steps."""
+
+    def __next__(self):
+      if self.i >= 10:
+        time.sleep(0.5)
+      return super().__next__()
+
   monkeypatch.setattr(serialization, "async_serialize_from_host", disk_full_at_step_10)
   with pytest.raises(guards.CheckpointSaveFailed, match="checkpoint of step 10 under"):
-    _train(tmp_path, num_steps=40, checkpoint_every=5, train_data=ToyIterator())
+    _train(tmp_path, num_steps=40, checkpoint_every=5, train_data=SlowAfterStep10())
   logged = [json.loads(line)["step"] for line in open(tmp_path / "train" / "metrics.jsonl")]
   assert 10 <= max(logged) < 15, logged
   manager = ckpt.make_manager(str(tmp_path / "checkpoints"))
   assert manager.all_steps() == [5]
   manager.close()
+
+
+def test_a_save_error_raised_by_orbax_is_reported_as_the_failed_save():
+  """Orbax either logs a background failure or re-raises it from wait_until_finished;
+  the second way also becomes CheckpointSaveFailed naming the step and the cause."""
+
+  class RaisingManager:
+    directory = "/ckpts"
+
+    def wait_until_finished(self):
+      raise OSError(28, "No space left on device")
+
+  saves = guards.SaveMonitor(RaisingManager())
+  saves.started(10)
+  with pytest.raises(guards.CheckpointSaveFailed,
+                     match=r"step 10 under /ckpts failed \(OSError: .*No space left"):
+    saves.check(wait=True)
+  saves.check(wait=True)  # reported once
 
 
 class _NaNIterator(ToyIterator):

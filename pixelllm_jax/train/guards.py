@@ -161,14 +161,22 @@ class SaveMonitor:
   def check(self, *, wait: bool = False) -> None:
     if self.pending is None:
       return
+    step = self.pending
     if wait:
-      self.manager.wait_until_finished()
+      try:  # Orbax re-raises a background failure here, or only logs it
+        self.manager.wait_until_finished()
+      except Exception as error:  # pylint: disable=broad-except
+        self.pending = None
+        raise CheckpointSaveFailed(self._message(step, f"{type(error).__name__}: {error}")) \
+            from error
     elif self.manager.is_saving_in_progress():
       return
-    step, self.pending = self.pending, None
+    self.pending = None
     self.manager.reload()
     if step not in self.manager.all_steps():
-      raise CheckpointSaveFailed(
-          f"saving the checkpoint of step {step} under {self.manager.directory} failed (the "
-          "error is logged above, e.g. a full disk); stopping now rather than training on "
-          "without checkpoints")
+      raise CheckpointSaveFailed(self._message(step, "the error is logged above"))
+
+  def _message(self, step: int, cause: str) -> str:
+    return (f"saving the checkpoint of step {step} under {self.manager.directory} failed "
+            f"({cause}; e.g. a full disk); stopping now rather than training on without "
+            "checkpoints")

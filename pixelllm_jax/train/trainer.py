@@ -229,6 +229,9 @@ def _train(*, model_dir, model, train_data, num_steps, optimizer, partitioner, s
            nonfinite: guards.NonFiniteGuard, preemption: guards.PreemptionNotice,
            run_record, allow_config_change) -> TrainResult:
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
+  first_batch = _peek(train_data)  # checked before anything is written to model_dir
+  model.check_batch(first_batch)
+  partitioner.check_batch_size(first_batch.image.shape[0] * jax.process_count(), "training")
   manager = ckpt.make_manager(os.path.join(model_dir, "checkpoints"),
                               max_to_keep=keep_checkpoints)
   if run_record is not None and manager.latest_step() is not None:
@@ -236,9 +239,6 @@ def _train(*, model_dir, model, train_data, num_steps, optimizer, partitioner, s
                          write=jax.process_index() == 0)
   elif run_record is not None and jax.process_index() == 0:
     run_record_lib.save(model_dir, run_record)  # a fresh start: this run's record
-  first_batch = _peek(train_data)
-  model.check_batch(first_batch)
-  partitioner.check_batch_size(first_batch.image.shape[0] * jax.process_count(), "training")
   optimizer = optim.with_frozen(optimizer, model.trainable)
   spec = state_lib.state_spec(model, first_batch, optimizer, partitioner)
   shardings = spec.shardings
@@ -268,7 +268,7 @@ def _train(*, model_dir, model, train_data, num_steps, optimizer, partitioner, s
     ckpt.save(manager, step, state, train_data.get_state())
     saves.started(step)
 
-  train_rng = jax.device_put(train_rng, partitioner.replicated)
+  train_rng = partitioner.replicate(train_rng)
   writer = metrics_writer.MetricsWriter(os.path.join(model_dir, "train"))
   step = first_step = int(state.step)
   last_saved = step if restored is not None else None
