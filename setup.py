@@ -33,6 +33,8 @@ EXTRAS = {
     # inputs. torch==2.13.0 resolves to the machines' local CPU wheel; a bare `torch`
     # would pull a multi-GB CUDA build (docs/DESIGN.md, "Stack").
     "ref": ["torch==2.13.0", "transformers>=5.0", "timm>=1.0", "safetensors>=0.4"],
+    # The xmanager executor of launch/ (the local executor and --dry_run need nothing).
+    "launch": ["xmanager>=0.8"],
 }
 
 setuptools.setup(

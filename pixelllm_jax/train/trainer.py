@@ -162,16 +162,20 @@ def append_metrics(model_dir: str, step: int, metrics: Mapping[str, float]) -> N
     f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
 
-def write_summary(model_dir: str, step: int, seconds: float, metrics: Mapping[str, float]) -> None:
+def write_summary(model_dir: str, step: int, seconds: float, metrics: Mapping[str, float],
+                  num_steps: int | None = None) -> None:
   """model_dir/train_summary.json: steps and wall-clock training seconds, summed
-  over resumed invocations, plus the last logged metrics."""
+  over resumed invocations, the last logged metrics, and whether the run reached
+  its `num_steps` (`finished`; false after a preemption)."""
   path = os.path.join(model_dir, "train_summary.json")
   previous = 0.0
   if os.path.exists(path):
     with open(path) as f:
       previous = float(json.load(f).get("train_seconds", 0.0))
   with open(path, "w") as f:
-    json.dump({"step": step, "train_seconds": previous + seconds,
+    json.dump({"step": step, "num_steps": num_steps,
+               "finished": num_steps is not None and step >= num_steps,
+               "train_seconds": previous + seconds,
                "last_metrics": {k: float(v) for k, v in metrics.items()}}, f, indent=1)
 
 
@@ -318,6 +322,6 @@ def _train(*, model_dir, model, train_data, num_steps, optimizer, partitioner, s
   manager.close()
   train_seconds = time.perf_counter() - start
   if jax.process_index() == 0:
-    write_summary(model_dir, step, train_seconds, metrics)
+    write_summary(model_dir, step, train_seconds, metrics, num_steps)
   return TrainResult(state=state, metrics=metrics, train_seconds=train_seconds,
                      preempted=preempted, nonfinite_steps=nonfinite.total)
