@@ -137,10 +137,20 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
 
 
 def write_operative_config(model_dir: str) -> None:
-  """Writes the gin config that was actually used to `model_dir/config.gin`."""
+  """Writes the gin config that was actually used to `model_dir/config.gin`. A resumed run
+  whose config differs keeps the earlier one as `config.<n>.gin` (n = 1, 2, ...)."""
   os.makedirs(model_dir, exist_ok=True)
-  with open(os.path.join(model_dir, "config.gin"), "w") as f:
-    f.write(gin.operative_config_str())
+  path, text = os.path.join(model_dir, "config.gin"), gin.operative_config_str()
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    n = 1
+    while os.path.exists(os.path.join(model_dir, f"config.{n}.gin")):
+      n += 1
+    os.replace(path, os.path.join(model_dir, f"config.{n}.gin"))
+  with open(path, "w") as f:
+    f.write(text)
 
 
 def start(argv: Sequence[str], entry: str | None = None) -> None:

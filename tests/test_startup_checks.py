@@ -123,3 +123,14 @@ def test_a_tokenizer_larger_than_the_vocabulary_stops_at_start_up(clean_gin, tmp
   with pytest.raises(ValueError, match=rf"spiece.model has {pieces + 300} ids .* vocabulary "
                      "holds 256"):
     cli.startup_record("train", "train_data.data")
+
+
+def test_a_resumed_run_keeps_the_earlier_operative_config(tmp_path, monkeypatch):
+  """config.gin used to be overwritten on resume: the first run's config was lost."""
+  for text in ("first = 1\n", "first = 1\n", "second = 2\n", "third = 3\n"):
+    monkeypatch.setattr(gin, "operative_config_str", lambda text=text: text)
+    cli.write_operative_config(str(tmp_path))
+  assert (tmp_path / "config.gin").read_text() == "third = 3\n"
+  assert (tmp_path / "config.1.gin").read_text() == "first = 1\n"  # an unchanged resume adds none
+  assert (tmp_path / "config.2.gin").read_text() == "second = 2\n"
+  assert not (tmp_path / "config.3.gin").exists()
