@@ -24,13 +24,14 @@ import pytest
 
 from pixelllm_jax.train import checkpoint as ckpt, guards, trainer
 from test_train_step import ToyIterator, ToyModel, partitioner_of, toy_batch, toy_optimizer
+from xla_env import xla_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS, EVERY, KILLS = 80, 3, 10
 
 
 def _env(cache_dir: str) -> dict:
-  return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  return {**os.environ, "XLA_FLAGS": xla_flags(2),
           "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache_dir,
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 

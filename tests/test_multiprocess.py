@@ -14,12 +14,13 @@ import time
 import numpy as np
 import portpicker
 import pytest
+from xla_env import xla_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _env(devices: int) -> dict:
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  return {**os.environ, "XLA_FLAGS": xla_flags(devices),
           "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 

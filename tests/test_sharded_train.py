@@ -1,5 +1,7 @@
-"""The real PixelLLM train step under each rule set on an 8-device fake CPU mesh
-(data 2 x fsdp 2 x model 2) equals the one-device step, and the parameters really are split.
+"""The real PixelLLM train step on an 8-device fake CPU mesh (data 2 x fsdp 2 x model 2) equals
+the one-device step, and each rule set splits the parameters and optimizer moments as it says.
+
+The shard shapes of every rule set are also checked from the abstract state alone (no compile).
 
 Toy-size composer (tests/model_fixtures.py) with LoRA and T5 dropout, SAM and the prompt
 encoder frozen (`PixelLLMConfig.frozen`), the project's losses and optimizer, the state born
@@ -97,6 +99,26 @@ SPLIT = {
         "loc_head/dense_0/kernel": P("fsdp", "model"),
     },
 }
+
+
+@pytest.mark.parametrize("rules", sorted(SPLIT))
+def test_rule_set_splits_parameters_and_their_moments(rules):
+  partitioner = Partitioner((2, 2, 2), rules)
+  model = _model()
+  tx = optim.with_frozen(optim.make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10,
+                                              weight_decay=0.01), model.trainable)
+  spec = state_lib.state_spec(model, mf.random_batch(0, b=B, k=K, n=N, l=L, lc=LC), tx,
+                              partitioner)
+  for path, want in SPLIT[rules].items():
+    sharding, shape = _get(spec.shardings.params, path), _get(spec.abstract.params, path).shape
+    assert sharding.spec == want, (path, sharding.spec)
+    want_shape = tuple(n // (2 if axis else 1) for n, axis in zip(shape, want))
+    assert sharding.shard_shape(shape) == want_shape, (path, shape)
+  kernel_path = ("t5", "encoder", "layers_0", "mlp", "wi_0", "kernel")
+  moments = [x for kp, x in jax.tree_util.tree_leaves_with_path(spec.shardings.opt_state)
+             if path_of(kp)[-len(kernel_path):] == kernel_path]
+  assert len(moments) == 2
+  assert all(m == _get(spec.shardings.params, "/".join(kernel_path)) for m in moments)
 
 
 @pytest.mark.slow
