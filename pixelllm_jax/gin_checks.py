@@ -66,7 +66,11 @@ def known_macros(config: dict[str, str]) -> set[str]:
 
 
 def unknown_macros(command_line_bindings: Iterable[str], known: set[str]) -> list[str]:
-  """Messages for command-line bindings of macros the files neither define nor use."""
+  """Messages for command-line bindings of macros the files neither define nor use (nor
+  another command-line binding: `--gin.LR=1e-3 --gin.make_optimizer.learning_rate=%LR`)."""
+  command_line_bindings = list(command_line_bindings)
+  known = known | {m for b in command_line_bindings if "=" in b
+                   for m in _MACRO_REF.findall(b.split("=", 1)[1])}
   problems = []
   for binding in command_line_bindings:
     name = binding.split("=", 1)[0].strip()

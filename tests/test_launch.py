@@ -88,13 +88,13 @@ def test_the_report_reads_the_sweep_folder_while_it_runs(tmp_path):
 def test_xm_dry_run_prints_every_job_without_xmanager():
   out = subprocess.run(
       [sys.executable, os.path.join(REPO, "launch", "refcoco_t5_xl_lr.py"), "--executor=xm",
-       "--dry_run", "--root=gs://b/sweeps/lr", "--data_dir=gs://b/data", "--ckpt_dir=gs://b/c"],
+       "--dry_run", "--root=/gcs/b/sweeps/lr", "--data_dir=/gcs/b/data", "--ckpt_dir=/gcs/b/c"],
       capture_output=True, text=True, cwd=REPO, check=True, timeout=120).stdout
   assert "'refcoco_t5_xl_lr': 3 jobs (dry run, nothing launched)" in out
-  assert out.count("executor: Vertex (TPU_V4 2x2x4)") == 3
-  assert "--model_dir=gs://b/sweeps/lr/lr=5e-05 --evaluate -- --gin_file=runs/refcoco_t5_xl.gin" \
+  assert out.count("executor: Vertex (H100 8)") == 3
+  assert "--model_dir=/gcs/b/sweeps/lr/lr=5e-05 --evaluate -- --gin_file=runs/refcoco_t5_xl.gin" \
       in out
-  assert "'--gin.INIT_CHECKPOINT='\"'\"'gs://b/c/pixelllm_t5_xl_init'\"'\"''" in out
+  assert "'--gin.INIT_CHECKPOINT='\"'\"'/gcs/b/c/pixelllm_t5_xl_init'\"'\"''" in out
   with pytest.raises(ModuleNotFoundError):  # the dry run did not need it
     __import__("xmanager")
 
@@ -210,3 +210,25 @@ def test_a_2x2_sweep_runs_survives_a_failed_unit_and_resumes_it(tmp_path, monkey
   changed = dataclasses.replace(changed, bindings={**changed.bindings, "TRAIN_STEPS": STEPS + 10})
   with pytest.raises(ValueError, match="were run with other arguments"):
     executor.run(changed)
+
+
+def test_a_failed_unit_records_the_exception_it_ended_with():
+  from pixelllm_jax.launch import unit  # pylint: disable=import-outside-toplevel
+  output = ["step 10/60  loss 3.1", "Error-free line", "Traceback (most recent call last):",
+            '  File "x.py", line 1, in <module>',
+            "pixelllm_jax.train.run_record.RunConfigChanged: resuming changed:",
+            "  train_data.batch_size: 16 -> 8", "Undo the change, or pass --allow_config_change"]
+  assert unit._error_line(output) == (
+      "pixelllm_jax.train.run_record.RunConfigChanged: resuming changed: / "
+      "  train_data.batch_size: 16 -> 8 / Undo the change, or pass --allow_config_change")
+  assert unit._error_line(["step 3/9", "step 4/9"]) == "step 4/9"
+
+
+def test_one_launcher_per_sweep_folder(tmp_path):
+  import fcntl  # pylint: disable=import-outside-toplevel
+  s = sweep.Sweep("s", ("runs/demo.gin",), units=sweep.product(sweep.axis("seed", "x", [0])))
+  with open(tmp_path / "launcher.lock", "a+") as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(RuntimeError, match="another launcher is running the sweep"):
+      local.LocalExecutor(str(tmp_path)).run(s)
+  assert not (tmp_path / "seed=0").exists()

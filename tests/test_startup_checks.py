@@ -134,3 +134,10 @@ def test_a_resumed_run_keeps_the_earlier_operative_config(tmp_path, monkeypatch)
   assert (tmp_path / "config.1.gin").read_text() == "first = 1\n"  # an unchanged resume adds none
   assert (tmp_path / "config.2.gin").read_text() == "second = 2\n"
   assert not (tmp_path / "config.3.gin").exists()
+
+
+def test_a_macro_defined_and_used_on_the_command_line_is_accepted(clean_gin):
+  cli.parse_gin(["runs/demo.gin"], ["MODEL_DIR = '/tmp/x'", "MY_LR = 0.003",
+                                    "make_optimizer.learning_rate = %MY_LR"])
+  assert gin.query_parameter("MY_LR/gin.macro.value") == 0.003
+  assert gin.query_parameter("make_optimizer.learning_rate").scoped_selector == "MY_LR/gin.macro"

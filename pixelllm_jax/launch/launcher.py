@@ -4,7 +4,7 @@
   python launch/world_lr_seed.py --parallel=2             # two units at a time
   python launch/world_lr_seed.py --report                 # the report now (also while it runs)
   python launch/world_lr_seed.py --executor=xm --dry_run  # the xmanager jobs, launching nothing
-  python launch/world_lr_seed.py --executor=xm --root=gs://bucket/sweeps/x   # xmanager
+  python launch/world_lr_seed.py --executor=xm --root=/gcs/bucket/sweeps/x   # xmanager
 
 Flags (absl, so `xmanager launch launch/x.py -- --executor=xm ...` works too):
   --executor   local | xm

@@ -7,13 +7,15 @@ Layout under the sweep's root (default `runs/sweeps/<sweep name>`):
   <unit>/launch.log   everything its commands printed
   report.txt, report.csv  the sweep report, rewritten whenever a unit changes state
 
-A failing unit does not stop the others. Running the sweep again skips the units that are
-done and runs the others again: training resumes from their latest checkpoint. A unit that
-finished with other arguments than the sweep now gives is an error (its folder would mix
-two configurations): delete the folder or choose another root. SIGTERM or Ctrl-C stops the
-launcher cleanly: each running unit gets SIGTERM (training saves a checkpoint) and is left
-'preempted', to resume on the next run.
+The report is rewritten when a unit starts or ends and every 10 s while units run. A failing
+unit does not stop the others. Running the sweep again skips the units that are done and runs
+the others again: training resumes from their latest checkpoint. A unit whose folder holds a
+run with other arguments than the sweep now gives is an error (its folder would mix two
+configurations): delete the folder or choose another root. One launcher per root (a lock).
+SIGTERM or Ctrl-C stops the launcher cleanly: each running unit gets SIGTERM (training saves a
+checkpoint) and is left 'preempted', to resume on the next run; a second signal kills them.
 """
+import fcntl
 import json
 import os
 import signal
@@ -25,6 +27,9 @@ from typing import Callable
 
 from pixelllm_jax.launch import report as report_lib
 from pixelllm_jax.launch.sweep import Sweep, WorkUnit
+
+REPORT_SECONDS = 10.0  # the report is also rewritten this often while units run
+STOP_SECONDS = 120.0   # how long a failing launcher waits for its units to save and stop
 
 
 def unit_command(sweep: Sweep, unit: WorkUnit, model_dir: str,
@@ -69,13 +74,23 @@ class LocalExecutor:
   def run(self, sweep: Sweep) -> dict[str, str]:
     """Runs every unfinished unit; returns each unit's final state."""
     os.makedirs(self.root, exist_ok=True)
-    self._stop = False
+    with open(os.path.join(self.root, "launcher.lock"), "a+") as lock:
+      try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        raise RuntimeError(f"another launcher is running the sweep under {self.root}; "
+                           "wait for it, stop it, or give another --root") from None
+      return self._run(sweep)
+
+  def _run(self, sweep: Sweep) -> dict[str, str]:
+    self._stop, self._signals = False, 0
     todo = self._prepare(sweep)
     running: dict[str, tuple[subprocess.Popen, object]] = {}
-    stopped: set[str] = set()
     in_main_thread = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.signal(s, self._on_stop) for s in (signal.SIGTERM, signal.SIGINT)
                 if in_main_thread}  # (signal handlers can only be set there)
+    stopped: set[str] = set()
+    last_report = time.time()
     try:
       while todo or running:
         while todo and len(running) < self.parallel and not self._stop:
@@ -83,16 +98,25 @@ class LocalExecutor:
           running[unit.name] = self._start(sweep, unit)
         if self._stop:
           todo = []
-          for name, (proc, _) in running.items():
-            if name not in stopped and proc.poll() is None:
-              proc.send_signal(signal.SIGTERM)  # once: a second one could cut a final save
-              stopped.add(name)
+          self._stop_units(running, stopped, kill=self._signals > 1)
         for name, (proc, log_file) in list(running.items()):
           if proc.poll() is not None:
             log_file.close()
             del running[name]
-            self._finished(sweep, sweep.unit(name), proc.returncode)
+            self._finished(sweep.unit(name), proc.returncode)
+        if time.time() - last_report > REPORT_SECONDS:
+          report_lib.write(self.root)
+          last_report = time.time()
         time.sleep(self.poll_seconds)
+    except BaseException:
+      # The launcher itself fails: its units must not run on unmanaged.
+      self._stop_units(running, stopped, kill=False)
+      for proc, _ in running.values():
+        try:
+          proc.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+          os.killpg(proc.pid, signal.SIGKILL)
+      raise
     finally:
       for s, handler in handlers.items():
         signal.signal(s, handler)
@@ -102,10 +126,25 @@ class LocalExecutor:
     return states
 
   def _on_stop(self, signum, frame):  # pylint: disable=unused-argument
-    if not self._stop:
+    self._signals += 1
+    if self._signals == 1:
       self.log(f"[sweep] {signal.Signals(signum).name}: stopping the running units "
-               "(they save a checkpoint; run the sweep again to resume)")
+               "(they save a checkpoint; run the sweep again to resume; a second signal "
+               "kills them)")
     self._stop = True
+
+  @staticmethod
+  def _stop_units(running, stopped: set[str], *, kill: bool) -> None:
+    """SIGTERM to each running unit once (a second could cut its final save); SIGKILL to
+    its whole process group when `kill`."""
+    for name, (proc, _) in running.items():
+      if proc.poll() is not None:
+        continue
+      if kill:
+        os.killpg(proc.pid, signal.SIGKILL)
+      elif name not in stopped:
+        proc.send_signal(signal.SIGTERM)
+        stopped.add(name)
 
   def _prepare(self, sweep: Sweep) -> list[WorkUnit]:
     """Units still to run; checks finished ones were run with today's arguments."""
@@ -148,14 +187,17 @@ class LocalExecutor:
     self.log(f"[sweep] {unit.name}: started (attempt {attempt}), log {log_path}")
     proc = subprocess.Popen([sys.executable, *command[1:]], stdout=log_file,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    report_lib.write(self.root)
     return proc, log_file
 
-  def _finished(self, sweep: Sweep, unit: WorkUnit, code: int) -> None:
+  def _finished(self, unit: WorkUnit, code: int) -> None:
     _, status_file, log_path = self.paths(unit)
     status = read_status(status_file) or {}
     if status.get("state") not in ("done", "failed", "preempted"):
-      # The unit runner died before recording an end (e.g. killed): record it here.
-      status.update(state="failed", returncode=code,
+      # The unit runner died before recording an end: record it here (SIGTERM before its
+      # handler was set is a preemption; anything else a failure).
+      state = "preempted" if code == -signal.SIGTERM else "failed"
+      status.update(state=state, returncode=code,
                     message=f"the unit's process ended with exit code {code}", pid=None)
       self._write_status(status_file, status)
     detail = f" ({status.get('stage')}: {status.get('message')})" \

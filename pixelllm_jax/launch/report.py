@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from typing import Any
 
 FIXED = ("unit", "state", "step")
@@ -98,8 +99,8 @@ def write(root: str) -> list[dict[str, Any]]:
   rows = collect(root)
   names = columns(rows)
   for name, write_fn in (("report.csv", _write_csv), ("report.txt", _write_txt)):
-    tmp = os.path.join(root, name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.")  # one per writer
+    with os.fdopen(fd, "w", newline="") as f:
       write_fn(f, rows, names)
     os.replace(tmp, os.path.join(root, name))
   return rows

@@ -20,6 +20,7 @@ import collections
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,8 @@ def _run(command: list[str], status: Status, stage: str, signals: dict) -> tuple
   child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, bufsize=1)
   signals["child"] = child
+  if signals["term"]:  # SIGTERM came while it started
+    child.send_signal(signal.SIGTERM)
   status.set(state=stage, pid=child.pid)
   tail: collections.deque[str] = collections.deque(maxlen=40)
   for line in child.stdout:
@@ -73,11 +76,25 @@ def _run(command: list[str], status: Status, stage: str, signals: dict) -> tuple
   return code, error
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*: ")
+
+
 def _error_line(lines: Sequence[str]) -> str:
-  for line in reversed(lines):
-    if "Error" in line or "Exception" in line:
-      return line[-500:]
+  """The exception a command ended with (from its traceback's last part, message lines
+  included), else the last line it printed."""
+  lines = list(lines)
+  starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+  if starts:
+    after = lines[starts[-1]:]
+    for i, line in enumerate(after):
+      if _EXCEPTION_LINE.match(line):
+        return " / ".join(after[i:])[-1000:]
   return lines[-1][-500:] if lines else ""
+
+
+def _preempted(code: int, term: bool) -> bool:
+  """Stopped by SIGTERM (before its handler was set: -15), not failing on its own."""
+  return code == -signal.SIGTERM or (term and code == 0)
 
 
 def _train_finished(model_dir: str) -> bool:
@@ -86,6 +103,14 @@ def _train_finished(model_dir: str) -> bool:
       return bool(json.load(f).get("finished"))
   except (OSError, ValueError):
     return False
+
+
+def _stopped(status: Status, stage: str, code: int, error: str, term: bool) -> int:
+  if _preempted(code, term) or (term and stage == "evaluating"):  # evaluation just reruns
+    status.set(state="preempted", stage=stage, returncode=code, pid=None)
+    return PREEMPTED_EXIT
+  status.set(state="failed", stage=stage, returncode=code, message=error, pid=None)
+  return code
 
 
 def run_unit(model_dir: str, gin_args: list[str], *, evaluate: bool, eval_args: list[str],
@@ -107,16 +132,12 @@ def run_unit(model_dir: str, gin_args: list[str], *, evaluate: bool, eval_args: 
       status.set(state="preempted", pid=None, returncode=code)
       return PREEMPTED_EXIT
     if code != 0:
-      state = "preempted" if signals["term"] else "failed"
-      status.set(state=state, stage="training", returncode=code, message=error, pid=None)
-      return PREEMPTED_EXIT if signals["term"] else code
+      return _stopped(status, "training", code, error, signals["term"])
     if evaluate and not signals["term"]:
       code, error = _run([python, "-m", "pixelllm_jax.eval", *gin_args, *eval_args], status,
                          "evaluating", signals)
       if code != 0:
-        state = "preempted" if signals["term"] else "failed"
-        status.set(state=state, stage="evaluating", returncode=code, message=error, pid=None)
-        return PREEMPTED_EXIT if signals["term"] else code
+        return _stopped(status, "evaluating", code, error, signals["term"])
     if signals["term"]:
       status.set(state="preempted", pid=None, returncode=PREEMPTED_EXIT)
       return PREEMPTED_EXIT

@@ -3,7 +3,11 @@
 Each work unit becomes one job running `python -m pixelllm_jax.launch.unit` (the same unit
 runner as the local executor: training, then evaluation when the sweep asks) in a container
 built from this repository, on the accelerator the sweep's `Resources` name. Its model dir
-is `<root>/<unit>`; give a root every host can reach (e.g. a `gs://` bucket).
+is `<root>/<unit>`. Every path a unit reads or writes (root, data, checkpoints, tokenizer) must
+be a file system path the job sees: the project reads and writes with Python's `open`, so use
+the Cloud Storage FUSE mount Vertex AI jobs have (`/gcs/<bucket>/...`), not `gs://` URLs. One
+job is one host: multi-host units (a TPU slice over several hosts) need the multi-process
+start-up of the scale work and are not supported by the unit runner yet.
 
 `jobs()` describes the jobs without xmanager; `dry_run` prints them. `launch()` needs the
 optional extra: `pip install -e .[launch]` (xmanager), and its cloud set-up.

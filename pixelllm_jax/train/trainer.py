@@ -78,8 +78,12 @@ def make_train_step(model: BaseModel, optimizer: optax.GradientTransformation, *
     dropout_rng = jax.random.fold_in(rng, state.step)
     (loss, metrics), grads = jax.value_and_grad(
         lambda params: model.loss(params, batch, dropout_rng), has_aux=True)(state.params)
-    finite = jnp.isfinite(loss) & all_finite(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    # Checked on the updates, not the gradients: frozen leaves get zero updates, so their
+    # gradients stay dead code (checking them would make XLA compute the frozen towers'
+    # backward pass) and cannot stop a run. A non-finite trainable gradient makes its update
+    # non-finite (Adam's moments, the global-norm clip).
+    finite = jnp.isfinite(loss) & all_finite(updates)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = state.replace(
@@ -168,15 +172,16 @@ def write_summary(model_dir: str, step: int, seconds: float, metrics: Mapping[st
   over resumed invocations, the last logged metrics, and whether the run reached
   its `num_steps` (`finished`; false after a preemption)."""
   path = os.path.join(model_dir, "train_summary.json")
-  previous = 0.0
+  previous: dict = {}
   if os.path.exists(path):
     with open(path) as f:
-      previous = float(json.load(f).get("train_seconds", 0.0))
-  with open(path, "w") as f:
+      previous = json.load(f)
+  last = {k: float(v) for k, v in metrics.items()} or previous.get("last_metrics", {})
+  with open(path, "w") as f:  # (a run resumed at its last step logs nothing: keep the last)
     json.dump({"step": step, "num_steps": num_steps,
                "finished": num_steps is not None and step >= num_steps,
-               "train_seconds": previous + seconds,
-               "last_metrics": {k: float(v) for k, v in metrics.items()}}, f, indent=1)
+               "train_seconds": float(previous.get("train_seconds", 0.0)) + seconds,
+               "last_metrics": last}, f, indent=1)
 
 
 def train(
