@@ -159,6 +159,8 @@ def test_a_2x2_sweep_runs_survives_a_failed_unit_and_resumes_it(tmp_path, monkey
   checkpoint: it is 'failed', the others finish and evaluate. Run 2: the three finished units
   are skipped, the failed one resumes from its checkpoint; SIGTERM to the launcher preempts it
   (a checkpoint is saved). Run 3 resumes it again and finishes."""
+  # The launcher's SIGTERM handler needs the main thread (pytest and xdist run tests there).
+  assert threading.current_thread() is threading.main_thread()
   world, root = str(tmp_path / "world"), tmp_path / "sweep"
   generate.generate_world(world, num_train=40, num_val=2, num_test=4, seed=5)
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
