@@ -18,8 +18,8 @@ Choices:
   resumes exactly. By default batches are whole mixed examples, so one batch
   can hold several tasks.
 - `homogeneous=True` is the official mixing instead: each source is batched
-  on its own and whole batches are mixed, so a batch holds one task and may have that task's own `TaskShape` (slots,
-  prompts, text lengths): a referring batch need not carry a narrative's 32
+  on its own and whole batches are mixed, so a batch holds one task and may
+  have that task's own `TaskShape` (slots, prompts, text lengths): a referring batch need not carry a narrative's 32
   decoder positions, nor a narrative batch three empty slots. Slot subsets
   and augmentation then draw from (seed, shard_index, 2, source, index): the
   stream is again a pure function of one index and resumes exactly. Which

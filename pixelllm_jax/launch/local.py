@@ -16,7 +16,6 @@ SIGTERM or Ctrl-C stops the launcher cleanly: each running unit gets SIGTERM (tr
 checkpoint) and is left 'preempted', to resume on the next run; a second signal kills them.
 """
 import fcntl
-import json
 import os
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from typing import Callable
 
 from pixelllm_jax.launch import report as report_lib
 from pixelllm_jax.launch.sweep import Sweep, WorkUnit
+from pixelllm_jax.launch.unit import read_status, write_status
 
 REPORT_SECONDS = 10.0  # the report is also rewritten this often while units run
 STOP_SECONDS = 120.0   # how long a failing launcher waits for its units to save and stop
@@ -44,16 +44,6 @@ def unit_command(sweep: Sweep, unit: WorkUnit, model_dir: str,
     command += [f"--eval_arg={a}" for a in sweep.gin_args(unit, model_dir, evaluation=True)
                 if a not in train_args]
   return command + ["--", *sweep.gin_args(unit, model_dir)]
-
-
-def read_status(path: str) -> dict | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return None
-  except ValueError as error:
-    raise ValueError(f"{path}: not a readable status file ({error})") from error
 
 
 class LocalExecutor:
@@ -161,7 +151,7 @@ class LocalExecutor:
         continue
       os.makedirs(model_dir, exist_ok=True)
       if status is None or status.get("state") == "pending":
-        self._write_status(status_file, {"state": "pending", "unit": unit.name,
+        write_status(status_file, {"state": "pending", "unit": unit.name,
                                          "bindings": _plain(unit.bindings),
                                          "command": command})
       todo.append(unit)
@@ -178,7 +168,7 @@ class LocalExecutor:
     command = unit_command(sweep, unit, model_dir, status_file)
     previous = read_status(status_file) or {}
     attempt = int(previous.get("attempt", 0)) + 1
-    self._write_status(status_file, {"state": "starting", "unit": unit.name,
+    write_status(status_file, {"state": "starting", "unit": unit.name,
                                      "bindings": _plain(unit.bindings), "command": command,
                                      "attempt": attempt})
     log_file = open(log_path, "a")  # pylint: disable=consider-using-with
@@ -199,18 +189,11 @@ class LocalExecutor:
       state = "preempted" if code == -signal.SIGTERM else "failed"
       status.update(state=state, returncode=code,
                     message=f"the unit's process ended with exit code {code}", pid=None)
-      self._write_status(status_file, status)
+      write_status(status_file, status)
     detail = f" ({status.get('stage')}: {status.get('message')})" \
         if status["state"] == "failed" else ""
     self.log(f"[sweep] {unit.name}: {status['state']}{detail}; log {log_path}")
     report_lib.write(self.root)
-
-  @staticmethod
-  def _write_status(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _plain(bindings) -> dict:

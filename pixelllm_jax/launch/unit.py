@@ -33,24 +33,37 @@ def _now() -> str:
   return datetime.datetime.now().isoformat(timespec="seconds")
 
 
+def read_status(path: str) -> dict | None:
+  """A status file's contents; None when there is none yet."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except ValueError as error:
+    raise ValueError(f"{path}: not a readable status file ({error})") from error
+
+
+def write_status(path: str, data: dict[str, Any]) -> None:
+  """Replaces the status file whole: readers never see half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=1)
+  os.replace(tmp, path)
+
+
 class Status:
   """The unit's status file (absent path: nothing written)."""
 
   def __init__(self, path: str | None, base: dict[str, Any]):
-    self.path, self.data = path, {}
-    if path is not None and os.path.exists(path):  # the executor's fields (unit, command...)
-      with open(path) as f:
-        self.data = json.load(f)
+    self.path = path
+    self.data = (read_status(path) if path else None) or {}  # the executor's fields
     self.data.update(base, message="", returncode=None)
 
   def set(self, **fields: Any) -> None:
     self.data.update(fields, updated=_now())
-    if self.path is None:
-      return
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.data, f, indent=1)
-    os.replace(tmp, self.path)  # readers never see half a file
+    if self.path is not None:
+      write_status(self.path, self.data)
 
 
 def _run(command: list[str], status: Status, stage: str, signals: dict) -> tuple[int, str]:

@@ -2,7 +2,7 @@
 evaluation with a different configuration stops instead of silently mixing the two.
 
 A record is a flat `{key: text}` mapping of everything that determines the results (the command
-line builds it from the gin configuration and the tokenizer file; see `cli.run_record`).
+line builds it from the gin configuration and the tokenizer file; see `cli.startup_record`).
 `MODEL_DIR/run_record.json` holds the record of the run that wrote the checkpoints:
 - a training run that starts fresh writes it; one that resumes compares the current record with
   it and stops with `RunConfigChanged`, naming each key that changed (old -> new), unless the

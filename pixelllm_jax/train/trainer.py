@@ -159,13 +159,6 @@ def progress_line(step: int, num_steps: int, metrics: Mapping[str, float]) -> st
   return "  ".join(parts)
 
 
-def append_metrics(model_dir: str, step: int, metrics: Mapping[str, float]) -> None:
-  """One JSON line `{"step": ..., **metrics}` in model_dir/train/metrics.jsonl (floats exact)."""
-  os.makedirs(os.path.join(model_dir, "train"), exist_ok=True)
-  with open(os.path.join(model_dir, "train", "metrics.jsonl"), "a") as f:
-    f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-
-
 def write_summary(model_dir: str, step: int, seconds: float, metrics: Mapping[str, float],
                   num_steps: int | None = None) -> None:
   """model_dir/train_summary.json: steps and wall-clock training seconds, summed
@@ -296,9 +289,7 @@ def _train(*, model_dir, model, train_data, num_steps, optimizer, partitioner, s
       preempted = preemption.requested(step)
       if step % log_every == 0 or step == num_steps or preempted:
         metrics = window.close()
-        writer.write_scalars(step, metrics)
-        if jax.process_index() == 0:
-          append_metrics(model_dir, step, metrics)
+        writer.write_scalars(step, metrics)  # events and train/metrics.jsonl
         print(progress_line(step, num_steps, metrics), flush=True)
         window = _Window()
       if step % checkpoint_every == 0 or step == num_steps or preempted:
