@@ -13,8 +13,9 @@ What it does (and so what the numbers mean):
    (boxes, polygons, areas) are scaled with them, LN coordinates are normalized.
 2. Prepares the real builder configs (localized_narratives/coco,
    refer/refcocog_umd, vg_densecap/grit) from that copy: the records keep the
-   JPEG bytes, so every read decodes a JPEG (and, for refer, one PNG mask per
-   object, as RefCOCO does).
+   JPEG bytes, so every read decodes a JPEG. Refer records also hold one PNG
+   mask per object, as RefCOCO's do; the box tasks leave them encoded
+   (`Task.unread_features`), and "reads alone" times them decoded too.
 3. Training: the gin-like mixture trace 2 : caption 0.5 : refer 2 : loca 1 with
    the official per-dataset augmentation (each Task.official_augment) on a --canvas px
    canvas, tokenized with the world's sentencepiece model (T5 ids), batched.
@@ -38,7 +39,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from pixelllm_jax import tasks
-from pixelllm_jax.data import augment, pipeline
+from pixelllm_jax.data import augment, pipeline, sources as sources_lib
 from pixelllm_jax.data.builders import common
 from pixelllm_jax.tasks import TaskConfig
 from pixelllm_jax.data.tokenizer import Tokenizer
@@ -165,13 +166,16 @@ def main():
     sources = {}
     for task, (name, config) in BUILDER.items():
       builder = common.prepare(name, config, manual, os.path.join(root, "tfds"))
-      sources[task] = {split: builder.as_data_source(split) for split in ("train", "val" if
-                                                                          task != "loca" else "test")}
+      sources[task] = {split: sources_lib.task_data_source(builder, split, task)
+                       for split in ("train", "val" if task != "loca" else "test")}
+      if task == "refer":
+        refer_all_decoded = builder.as_data_source("train")
     tokenizer = Tokenizer.from_file(os.path.join(world, "spiece.model"), extra_ids=0)
     config = TaskConfig()
     sample = sources["refer"]["train"][0]["image"]
     print(f"decoded per read: JPEG {sample.shape[0]}x{sample.shape[1]} (quality "
-          f"{args.jpeg_quality}) via tfds data_source; refer also 1 PNG mask per object. "
+          f"{args.jpeg_quality}) via tfds data_source; refer's PNG masks (1 per object) stay "
+          f"encoded. "
           f"canvas {args.canvas}, TaskConfig L={config.max_target_len} Lc={config.max_context_len} "
           f"P={config.points_per_token}, N={args.num_slots} slots, batch {args.batch_size}, "
           f"cores used {max(1, args.worker_count)} (machine has {os.cpu_count()})")
@@ -193,10 +197,12 @@ def main():
     for task, _ in MIXTURE:
       _report(f"  {task} alone ({_short(tasks.get(task).official_augment)})", *train([(task, 1.0)]), cores)
     print("reads alone (tfds data_source[i]: record decode incl. JPEG, one thread):")
-    for task in ("trace", "refer", "loca"):
-      data, n = sources[task]["train"], min(len(sources[task]["train"]), 100)
+    for name, data in (("trace", sources["trace"]["train"]), ("refer", sources["refer"]["train"]),
+                       ("refer, masks decoded", refer_all_decoded), ("loca", sources["loca"]["train"])):
+      n = min(len(data), 100)
       wall, cpu = _time(lambda: [data[i] for i in range(n)], n)
-      _report(f"  {BUILDER[task][0]}/{BUILDER[task][1]}", n, wall, cpu, 1)
+      task = name.split(",")[0]
+      _report(f"  {BUILDER[task][0]}/{BUILDER[task][1]}{name[len(task):]}", n, wall, cpu, 1)
     print("evaluation (decode + resize/pad + tokenize + batch, one thread):")
     for task in ("refer", "loca", "trace"):
       data = sources[task]["val" if task != "loca" else "test"]

@@ -319,11 +319,13 @@ def test_data_source_lets_process_0_prepare_first(monkeypatch, fails):
     monkeypatch.setattr(sources.jax, "process_count", lambda: 2)
     monkeypatch.setattr(sources.jax, "process_index", lambda index=index: index)
     monkeypatch.setattr(sources.multihost_utils, "sync_global_devices", calls.append)
-    data = sources.DataConfig("/manual", "/data", builder_configs=(("refer", "world"),))
+    # trace: a task that reads every feature, so the fake builder needs no `info`.
+    data = sources.DataConfig("/manual", "/data",
+                              builder_configs=(("localized_narratives", "world"),))
     if fails:
       with pytest.raises(FileNotFoundError):
-        data.data_source("refer", "train")
+        data.data_source("trace", "train")
     else:
-      assert data.data_source("refer", "train") == "train"
-    barrier = "prepare refer/world in /data"
+      assert data.data_source("trace", "train") == "train"
+    barrier = "prepare localized_narratives/world in /data"
     assert calls == ([barrier, "prepare"] if index else ["prepare", barrier])

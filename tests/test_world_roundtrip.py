@@ -5,17 +5,19 @@ the three builders read it back (config 'world'), and every record is compared
 with the scenes the generator drew (re-drawn in memory from the same seeds)
 and with `scenes/{split}.jsonl`.
 """
+import io
 import json
 import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from pixelllm_jax.batch import EMPTY_SLOT, shift_right
 from pixelllm_jax.tasks import TASK_ID, TASKS
 from pixelllm_jax import tasks
-from pixelllm_jax.data import pipeline
+from pixelllm_jax.data import augment, pipeline, sources
 from pixelllm_jax.data.builders import common
 from pixelllm_jax.data.tokenizer import Tokenizer
 from pixelllm_jax.data.world import generate, scene as scene_lib
@@ -314,3 +316,49 @@ def test_refer_point_targets_are_the_referred_box_corners(world, tokenizer):
       assert not batch["decoder_loss_weights"][b, n].any()
       checked += 1
   assert checked >= B * 2  # every refer record has >= 2 objects, so >= 2 slots
+
+
+def test_box_tasks_never_decode_the_masks(world, tokenizer, monkeypatch):
+  # Refer records hold a PNG mask per object, which the referring task never reads: decoding
+  # them halved its input rate (README, "Input-pipeline throughput"). Its data source keeps
+  # them encoded (Task.unread_features), the pipeline drops them before augmentation, and the
+  # batches stay those of fully decoded records.
+  builder = world["builders"]["refer"]
+  decoded = []  # channels of every image tfds decodes: 3 an image, 1 a mask
+  decode = tfds.features.Image.decode_example_np
+  monkeypatch.setattr(tfds.features.Image, "decode_example_np",
+                      lambda self, example: decoded.append(self.shape[-1]) or decode(self, example))
+  resampled = []  # PIL filters of every resample: NEAREST for a mask
+  resample = augment._resample
+  monkeypatch.setattr(augment, "_resample", lambda array, params, filter_: (
+      resampled.append(filter_) or resample(array, params, filter_)))
+
+  everything = builder.as_data_source("train")
+  records = [everything[i] for i in range(len(everything))]
+  assert decoded.count(1) == sum(len(r["objects"]["id"]) for r in records) > 0  # the count sees masks
+  source = sources.task_data_source(builder, "train", "refer")
+  decoded.clear()
+  for i, record in enumerate(records):  # kept as their PNG bytes, for a task that reads them
+    kept = source[i]["objects"]["mask"]
+    assert len(kept) == len(record["objects"]["mask"])
+    for png, mask in zip(kept, record["objects"]["mask"]):
+      np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)))[..., None], mask)
+  assert decoded == [3] * len(records)
+
+  def batches(data_source, n=3):
+    augmented = pipeline.TaskSource("refer", data_source, 1.0, tasks.get("refer").official_augment)
+    stream = iter(pipeline.make_train_dataset([augmented], tokenizer, CONFIG, batch_size=B,
+                                              num_slots=N, num_prompts=K, seed=0, canvas_size=SIZE))
+    return [next(stream) for _ in range(n)]
+
+  decoded.clear()
+  train = batches(source)
+  evaluated = list(pipeline.eval_batches("refer", source, tokenizer, CONFIG, batch_size=B,
+                                         num_slots=N, num_prompts=K, canvas_size=SIZE))
+  assert evaluated and 3 in decoded and 1 not in decoded
+  resampled.clear()
+  for got, want in zip(train, batches(everything)):  # decoded masks are dropped, not resampled
+    assert got.keys() == want.keys()
+    for key in got:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert resampled and Image.NEAREST not in resampled

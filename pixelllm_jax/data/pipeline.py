@@ -33,6 +33,9 @@ Choices:
   image is resized and padded bottom/right onto a square canvas
   (`augment.transform_record`; training shrinks only, evaluation scales the
   long side to the canvas) and `image_valid_hw` says how much of it is image.
+- Features a task never reads (`Task.unread_features`, e.g. refer's
+  per-object masks) are dropped from each record first: `sources` leaves them
+  encoded, and dropped they are not resampled by augmentation either.
 - Augmentation (training, per source `TaskSource.augment`, needs
   `canvas_size`) runs on the decoded record *before* tokenization, so
   contexts, targets and prompts of a cropped or flipped record stay in step
@@ -193,11 +196,12 @@ class _TrainExample:
 
   def __call__(self, index: int, tagged) -> tuple[str, dict[str, np.ndarray]]:
     task, record_index, source_record, augment = tagged
-    record, valid_hw = source_record, None
+    record = tasks.base.without_features(source_record, tasks.get(task).unread_features)
+    valid_hw = None
     if self.canvas_size is not None:
       augment_rng = np.random.default_rng([*self.key, index, 1])
       record, valid_hw = augment_lib.transform_record(
-          source_record, tasks.get(task), canvas=self.canvas_size, augment=augment, train=True,
+          record, tasks.get(task), canvas=self.canvas_size, augment=augment, train=True,
           rng=augment_rng)
     slots = tasks.make_slots(task, record, self.tokenizer, self.config)
     rng = np.random.default_rng([*self.key, index])
@@ -316,7 +320,8 @@ def eval_batches(task_name: str, data_source, tokenizer: TextEncoder, task_confi
     return stack_examples(examples, names), metas
 
   for index in range(len(data_source)):
-    record = source_record = data_source[index]
+    source_record = data_source[index]
+    record = tasks.base.without_features(source_record, tasks.get(task_name).unread_features)
     valid_hw = None
     if canvas_size is not None:
       record, valid_hw = augment_lib.transform_record(record, tasks.get(task_name),

@@ -4,12 +4,14 @@ Each task reads one tfds builder (its `Task.builder`, docs/DATA_FORMATS.md;
 `DataConfig.task_builders` routes a task to another, e.g. captions from
 `coco_captions`); the same builders read the generated world (config 'world')
 and the real datasets (other configs). Builders are prepared once into
-`data_dir` (array_record) and then served by random-access data sources.
+`data_dir` (array_record) and then served by random-access data sources,
+which leave the features a task never reads (`Task.unread_features`) encoded.
 """
 import dataclasses
 import os
 
 import jax
+import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from pixelllm_jax import tasks
@@ -19,6 +21,40 @@ from pixelllm_jax.data.tokenizer import Tokenizer
 
 WORLD_BUILDER_CONFIGS = (("localized_narratives", "world"), ("refer", "world"),
                          ("vg_densecap", "world"))
+
+
+class _KeepEncoded(tfds.decode.SkipDecoding):
+  """A feature left as its stored bytes (a PNG stays a PNG), also inside a
+  `Sequence` (tfds's SkipDecoding lacks that numpy path)."""
+
+  def decode_batch_example_np(self, serialized):
+    return serialized
+
+
+def _has_feature(features, path: str) -> bool:
+  for key in path.split("/"):
+    features = getattr(features, "feature", features)  # through a Sequence to its dict
+    if not isinstance(features, tfds.features.FeaturesDict) or key not in features.keys():
+      return False
+    features = features[key]
+  return True
+
+
+def task_data_source(builder: tfds.core.DatasetBuilder, split: str, task: str):
+  """`builder`'s `split` as read by `task`: random access, len(); the
+  features it never reads (`Task.unread_features`, where `builder` has them)
+  come out encoded, undecoded (the pipeline then drops them)."""
+  decoders: dict = {}
+  for path in tasks.get(task).unread_features:
+    if _has_feature(builder.info.features, path):
+      *parents, leaf = path.split("/")
+      node = decoders
+      for key in parents:
+        node = node.setdefault(key, {})
+      node[leaf] = _KeepEncoded()
+  if not decoders:
+    return builder.as_data_source(split)
+  return builder.as_data_source(split, decoders=decoders)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +120,7 @@ class DataConfig:
     finally:  # on failure too, so the others go on to the same error rather than hang
       if multi_host and first:
         multihost_utils.sync_global_devices(barrier)
-    return builder.as_data_source(split)
+    return task_data_source(builder, split, task)
 
 
 def train_data(*, data: DataConfig, task_config: tasks.TaskConfig,

@@ -11,7 +11,12 @@ everything the library needs to know about it:
   augmentation of its dataset;
 - `point_loss`: whether its slots supervise the localization head (point L1,
   the optional GIoU term and the per-task `point_l1/<task>` metric);
-- `evaluate`: its held-out evaluation, writing predictions and pictures.
+- `evaluate`: its held-out evaluation, writing predictions and pictures;
+- `unread_features`: features of its builder's records that it never reads
+  (paths such as 'objects/mask'): its data source leaves them encoded and the
+  pipeline drops them before augmentation, so they cost neither a decode nor
+  a resample (refer's per-object PNG masks: the box tasks skip them, a mask
+  task reading the same builder lists nothing).
 
 A `Slot` is one (location prompt, text prompt, target caption) triple with its
 supervision, already aligned as `pixelllm_jax/batch.py` requires:
@@ -111,6 +116,25 @@ class Task:
   official_augment: Any  # data.augment.AugmentConfig
   point_loss: bool
   evaluate: EvalFn
+  unread_features: tuple[str, ...] = ()
+
+
+def without_features(record: dict, paths: Iterable[str]) -> dict:
+  """`record` less the features at `paths` ('objects/mask': key 'mask' of the
+  dict under 'objects'); copies only the dicts on those paths, absent ones are
+  no error."""
+  out = dict(record)
+  for path in paths:
+    *parents, leaf = path.split("/")
+    node = out
+    for key in parents:
+      if not isinstance(node.get(key), dict):
+        break
+      child = node[key] = dict(node[key])
+      node = child
+    else:
+      node.pop(leaf, None)
+  return out
 
 
 def text(value) -> str:

@@ -76,4 +76,7 @@ TASK = base.Task(
     name=NAME, builder="refer", instruction="where is", make_slots=make_slots,
     move_annotations=augment.move_objects,
     official_augment=augment.AugmentConfig(0.75, 1.25, crop=True),
-    point_loss=True, evaluate=evaluate)
+    point_loss=True, evaluate=evaluate,
+    # Boxes only: an image's full-size PNG masks (one per object) cost more to decode
+    # than its JPEG; a mask task reading this builder would not list them.
+    unread_features=("objects/mask",))
