@@ -131,11 +131,13 @@ def _time(fn, count: int) -> tuple[float, float]:
   return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _report(name: str, examples: int, wall: float, cpu: float, cores: int):
-  per_core = examples / cpu if cores == 1 else examples / wall / cores
+def _report(name: str, examples: int, wall: float, cpu: float, workers: int):
+  """In this thread (workers=0): per core = examples / this process's CPU seconds. With
+  workers the work is in their processes, not this one's CPU time: wall rate / workers."""
+  per_core = examples / cpu if workers == 0 else examples / wall / workers
+  how = "1 core, by CPU time" if workers == 0 else f"{workers} worker{'s' * (workers > 1)}, by wall time"
   print(f"{name:<44s} {examples:5d} ex  {examples / wall:8.1f} ex/s wall  "
-        f"{per_core:8.1f} ex/s per core ({cores} core{'s' if cores > 1 else ''}"
-        f"{', by CPU time' if cores == 1 else ', by wall time'})")
+        f"{per_core:8.1f} ex/s per core ({how})")
 
 
 def main():
@@ -178,8 +180,8 @@ def main():
           f"encoded. "
           f"canvas {args.canvas}, TaskConfig L={config.max_target_len} Lc={config.max_context_len} "
           f"P={config.points_per_token}, N={args.num_slots} slots, batch {args.batch_size}, "
-          f"cores used {max(1, args.worker_count)} (machine has {os.cpu_count()})")
-    cores = max(1, args.worker_count)
+          f"grain workers {args.worker_count} (machine has {os.cpu_count()} cores)")
+    workers = args.worker_count
 
     def train(mixture):
       ds = pipeline.make_train_dataset(
@@ -193,16 +195,16 @@ def main():
       return args.num_batches * args.batch_size, wall, cpu
 
     print("training (decode + augment + tokenize + batch):")
-    _report("mixture " + " ".join(f"{t}:{w}" for t, w in MIXTURE), *train(MIXTURE), cores)
+    _report("mixture " + " ".join(f"{t}:{w}" for t, w in MIXTURE), *train(MIXTURE), workers)
     for task, _ in MIXTURE:
-      _report(f"  {task} alone ({_short(tasks.get(task).official_augment)})", *train([(task, 1.0)]), cores)
+      _report(f"  {task} alone ({_short(tasks.get(task).official_augment)})", *train([(task, 1.0)]), workers)
     print("reads alone (tfds data_source[i]: record decode incl. JPEG, one thread):")
     for name, data in (("trace", sources["trace"]["train"]), ("refer", sources["refer"]["train"]),
                        ("refer, masks decoded", refer_all_decoded), ("loca", sources["loca"]["train"])):
       n = min(len(data), 100)
       wall, cpu = _time(lambda: [data[i] for i in range(n)], n)
       task = name.split(",")[0]
-      _report(f"  {BUILDER[task][0]}/{BUILDER[task][1]}{name[len(task):]}", n, wall, cpu, 1)
+      _report(f"  {BUILDER[task][0]}/{BUILDER[task][1]}{name[len(task):]}", n, wall, cpu, 0)
     print("evaluation (decode + resize/pad + tokenize + batch, one thread):")
     for task in ("refer", "loca", "trace"):
       data = sources[task]["val" if task != "loca" else "test"]
@@ -214,7 +216,7 @@ def main():
             num_prompts=args.num_slots, canvas_size=args.canvas):
           count[0] += 1
       wall, cpu = _time(run_eval, 0)
-      _report(f"  {task} ({len(data)} images, {count[0]} batches)", len(data), wall, cpu, 1)
+      _report(f"  {task} ({len(data)} images, {count[0]} batches)", len(data), wall, cpu, 0)
   finally:
     if args.work_dir is None:
       shutil.rmtree(root, ignore_errors=True)
