@@ -132,3 +132,65 @@ def patch_embed(
                              ("conv_height", "conv_width", "channels", "embed")),
       bias_init=param_init(nn.initializers.zeros, ("embed",)),
       name=name)(x)
+
+
+
+def _carrying(block_cls: type[nn.Module]) -> type[nn.Module]:
+  """`block_cls` returning (x, None), the (carry, output) pair nn.scan wants."""
+  class Carrying(block_cls):
+    def __call__(self, x, *args):
+      return super().__call__(x, *args), None
+  Carrying.__name__ = Carrying.__qualname__ = block_cls.__name__
+  return Carrying
+
+
+class _Period(nn.Module):
+  """Blocks `{prefix}_0 .. {prefix}_{period-1}` in sequence: one step of a periodic scan."""
+  block_cls: type[nn.Module]
+  block_kwargs: Callable[[int], dict]
+  period: int
+  prefix: str
+
+  @nn.compact
+  def __call__(self, x: Array, *args) -> tuple[Array, None]:
+    for j in range(self.period):
+      x = self.block_cls(**self.block_kwargs(j), name=f"{self.prefix}_{j}")(x, *args)
+    return x, None
+
+
+def block_stack(block_cls: type[nn.Module], x: Array, *args: Any, depth: int, name: str,
+                block_kwargs: Callable[[int], dict], remat: Callable[..., type[nn.Module]],
+                scan: bool = False, period: int = 1) -> Array:
+  """`x` through `depth` blocks `block_cls(**block_kwargs(i))(x, *args)`, unrolled or scanned.
+
+  Call from inside a compact method; `args` (arrays or static Python values) are the same
+  for every block. `remat(cls)` wraps a block class for the backward pass (e.g.
+  `lambda c: partitioning.remat(c, mode, static_argnums)`). Parameter layouts
+  (scan_layout.py converts between them):
+  - unrolled: `{name}_0 ... {name}_{depth-1}`, one subtree per block;
+  - scanned, period 1: one subtree `{name}` whose leaves have a leading axis of size
+    depth (logical axis 'layers', never sharded): t5x's scanned layout;
+  - scanned, period p > 1 (blocks that repeat with period p, e.g. SAM's every-8th global
+    block, whose parameters differ in shape): `{name}/{name}_0 ... {name}_{p-1}` with a
+    leading axis of depth / p; block j of each period is built with `block_kwargs(j)`.
+  'params' and 'cache' are stacked; every block draws its own 'params' and 'dropout'
+  keys. Scanning traces and compiles one block (or period) instead of `depth`, which is
+  what keeps paper-scale compiles short; the arithmetic is the same.
+  """
+  if not scan:
+    cls = remat(block_cls)
+    for i in range(depth):
+      x = cls(**block_kwargs(i), name=f"{name}_{i}")(x, *args)
+    return x
+  if depth % period:
+    raise ValueError(f"{name}: depth {depth} is not a multiple of the scan period {period}")
+  scan_kw = dict(variable_axes={"params": 0, "cache": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(nn.broadcast,) * len(args), length=depth // period,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+  if period == 1:
+    step = nn.scan(remat(_carrying(block_cls)), **scan_kw)(**block_kwargs(0), name=name)
+  else:
+    step = nn.scan(_Period, **scan_kw)(remat(block_cls), block_kwargs, period, name, name=name)
+  x, _ = step(x, *args)
+  return x

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import serialization  # noqa: E402
 
+from pixelllm_jax import scan_layout  # noqa: E402
 from pixelllm_jax.convert import common  # noqa: E402
 from pixelllm_jax.convert import t5 as convert_t5  # noqa: E402
 from pixelllm_jax.lora import LoraConfig  # noqa: E402
@@ -147,6 +148,21 @@ def test_parity_from_torch_bin_and_sharded_safetensors(tmp_path):
   assert len(list(shard_dir.glob("model-*.safetensors"))) > 1
   params_sharded, _ = convert_t5.load_hf_t5(str(shard_dir))
   _assert_same_params(params, params_sharded)
+
+
+def test_parity_after_conversion_to_the_scanned_layout(tmp_path):
+  """Imported weights (per layer) converted to the scanned layout still match transformers."""
+  model = _hf_model("v1.1", 32, 128, seed=2)
+  model.save_pretrained(tmp_path)
+  params, config = convert_t5.load_hf_t5(str(tmp_path))
+  scanned_config = dataclasses.replace(config, scan=True)
+  input_ids, mask, decoder_input = _inputs()
+  like = nn.meta.unbox(jax.eval_shape(
+      T5(scanned_config).init, jax.random.key(0), jnp.zeros((B, S, config.d_model)),
+      jnp.asarray(mask), jnp.asarray(decoder_input)))["params"]
+  scanned = scan_layout.convert(params, like)
+  assert "layers_0" not in scanned["decoder"] and "layers" in scanned["decoder"]
+  _check_parity(model, scanned, scanned_config, "v1.1 scanned layout")
 
 
 # ---- T5X layout ------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ class EVA02Config:
   mlp_norm: bool = True          # the SwiGLU sub-LN (timm scale_mlp); False: EVA02 tiny / small
   dtype: Any = jnp.float32
   remat: str = "none"               # partitioning.RematPolicy modes: 'none', 'block', ...
+  scan: bool = False                # one nn.scan over the blocks (layers.block_stack layout)
   # 'sincos' (2-D sine-cosine start) or 'normal' (the reference init); only
   # matters when training from scratch: imported weights overwrite it.
   pos_embed_init: str = "sincos"
@@ -201,9 +202,9 @@ class EVA02ViT(nn.Module):
 
     ref = None if cfg.rope_ref_grid is None else (cfg.rope_ref_grid, cfg.rope_ref_grid)
     sin, cos = (jnp.asarray(t, dtype=cfg.dtype) for t in rope_sin_cos((h, w), cfg.head_dim, ref))
-    block_cls = partitioning.remat(Block, cfg.remat)
-    for i in range(cfg.depth):
-      x = block_cls(cfg, name=f"blocks_{i}")(x, sin, cos)
+    x = layers.block_stack(Block, x, sin, cos, depth=cfg.depth, name="blocks", scan=cfg.scan,
+                           block_kwargs=lambda i: dict(config=cfg),
+                           remat=lambda c: partitioning.remat(c, cfg.remat))
     x = layers.layer_norm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name="norm")(x)
     x = x[:, 1:].reshape(b, h, w, d).astype(jnp.float32)
     return nn.with_logical_constraint(x, ("batch", None, None, "embed"))

@@ -71,6 +71,9 @@ class SamViTConfig:
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   remat: str = "none"               # partitioning.RematPolicy modes: 'none', 'block', ...
+  # One nn.scan over periods of blocks (`scan_period` blocks per step, so that the
+  # windowed and global blocks, whose parameters differ in shape, keep their places).
+  scan: bool = False
   # 'sincos' (2-D sine-cosine start) or 'normal' (the reference init); only
   # matters when training from scratch: imported weights overwrite it.
   pos_embed_init: str = "sincos"
@@ -78,6 +81,16 @@ class SamViTConfig:
   def __post_init__(self):
     pos_embed_lib.check_init(self.pos_embed_init, "SamViTConfig")
     partitioning.check_remat(self.remat)
+
+  @property
+  def scan_period(self) -> int:
+    """The smallest p dividing depth with block i global iff block i % p is (ViT-H: 8;
+    a pattern that never repeats gives depth: one scan step, nothing saved)."""
+    is_global = [i in self.global_blocks for i in range(self.depth)]
+    for p in range(1, self.depth + 1):
+      if self.depth % p == 0 and all(is_global[i] == is_global[i % p] for i in range(self.depth)):
+        return p
+    return self.depth  # not reached: p = depth always repeats
 
   @property
   def head_dim(self) -> int:
@@ -218,8 +231,9 @@ class SamViT(nn.Module):
     x = x + pos_embed.astype(x.dtype)
     x = nn.with_logical_constraint(x, ("batch", None, None, "embed"))
 
-    block_cls = partitioning.remat(Block, cfg.remat)
-    for i in range(cfg.depth):
-      x = block_cls(cfg, is_global=i in cfg.global_blocks, name=f"blocks_{i}")(x)
+    x = layers.block_stack(Block, x, depth=cfg.depth, name="blocks", scan=cfg.scan,
+                           period=cfg.scan_period,
+                           block_kwargs=lambda i: dict(config=cfg, is_global=i in cfg.global_blocks),
+                           remat=lambda c: partitioning.remat(c, cfg.remat))
     x = Neck(cfg, name="neck")(x)
     return nn.with_logical_constraint(x.astype(jnp.float32), ("batch", None, None, "embed"))

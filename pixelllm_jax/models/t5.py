@@ -22,8 +22,12 @@ Architectural choices (sources: Raffel et al. 2020; t5x `examples/t5/network.py`
   Unlike t5x there is no dropout on attention weights (layers.attend has none).
 - LoRA (official PixelLLM): `LoraConfig` picks which of q/k/v/o in encoder
   self-, decoder self- and decoder cross-attention get adapters.
-- KV cache (flax wmt / t5x idiom) on decoder self-attention only; cross-attention
-  keys/values are re-projected from the encoder output at every step.
+- KV cache (flax wmt / t5x idiom) on decoder self-attention; the cross-attention
+  keys/values of the encoder output are projected once per sequence, when the
+  cache is created, and kept in the cache.
+- `scan`: each stack's layers run as one `nn.scan` (layers.block_stack); the
+  parameters then sit under `encoder/layers` and `decoder/layers` with a leading
+  layer axis (t5x's scanned layout), and scan_layout.py converts either way.
 
 Parameter names are t5x's, with t5x's shapes: kernels [in, out] (attention
 [D, H*d_kv] / [H*d_kv, D]), rel_embedding [H, buckets]; a t5x checkpoint maps
@@ -87,6 +91,7 @@ class T5Config:
   dtype: activation dtype; parameters stay float32.
   remat: how each layer is rematerialized in the backward pass
     (`partitioning.RematPolicy` modes; not while decoding with the cache).
+  scan: run each stack's layers as one `nn.scan` (scanned parameter layout).
   """
 
   vocab_size: int
@@ -105,6 +110,7 @@ class T5Config:
   lora: LoraConfig = LoraConfig()
   dtype: Dtype = jnp.float32
   remat: str = "none"               # partitioning.RematPolicy modes: 'none', 'block', ...
+  scan: bool = False                # each stack as one nn.scan (layers.block_stack layout)
 
   def __post_init__(self):
     partitioning.check_remat(self.remat)
@@ -250,15 +256,31 @@ class Attention(nn.Module):
     joined = self.num_heads * self.d_kv
     query_init = lambda *a: _ATTENTION_INIT(*a) * self.d_kv**-0.5  # noqa: E731
     q = self._proj(joined, ("embed", "joined_kv"), "q", query_init, "query")(x_BxTxD)
-    k = self._proj(joined, ("embed", "joined_kv"), "k", _ATTENTION_INIT, "key")(kv_BxSxD)
-    v = self._proj(joined, ("embed", "joined_kv"), "v", _ATTENTION_INIT, "value")(kv_BxSxD)
     q_BTHK = _heads(q.reshape(b, t, self.num_heads, self.d_kv))
-    k_BSHK = _heads(k.reshape(b, -1, self.num_heads, self.d_kv))
-    v_BSHK = _heads(v.reshape(b, -1, self.num_heads, self.d_kv))
+
+    def project_kv():
+      k = self._proj(joined, ("embed", "joined_kv"), "k", _ATTENTION_INIT, "key")(kv_BxSxD)
+      v = self._proj(joined, ("embed", "joined_kv"), "v", _ATTENTION_INIT, "value")(kv_BxSxD)
+      return (_heads(k.reshape(b, -1, self.num_heads, self.d_kv)),
+              _heads(v.reshape(b, -1, self.num_heads, self.d_kv)))
+
+    if decode and not self.causal:
+      # Cross-attention while decoding: the encoder side is fixed for the whole sequence,
+      # so its keys and values are projected once (the cache-creating call) and read back
+      # at every step instead of re-projecting [B, S, D] per token.
+      if self.has_variable("cache", "cross_key"):
+        k_BSHK = self.get_variable("cache", "cross_key")
+        v_BSHK = self.get_variable("cache", "cross_value")
+      else:
+        k_BSHK, v_BSHK = project_kv()
+        self.put_variable("cache", "cross_key", k_BSHK)
+        self.put_variable("cache", "cross_value", v_BSHK)
+    else:
+      k_BSHK, v_BSHK = project_kv()
     q_pos = jnp.arange(t)
     k_pos = jnp.arange(k_BSHK.shape[1])
 
-    if decode:
+    if decode and self.causal:
       initialized = self.has_variable("cache", "cached_key")
       cached_key = self.variable("cache", "cached_key", jnp.zeros, k_BSHK.shape, k_BSHK.dtype)
       cached_value = self.variable("cache", "cached_value", jnp.zeros, v_BSHK.shape, v_BSHK.dtype)
@@ -361,7 +383,7 @@ class DecoderLayer(nn.Module):
     y = y_BxTxD + dropout(h, deterministic=deterministic)
     h = _norm(cfg, "pre_cross_attention_layer_norm")(y)
     h = attention(cfg.lora.decoder_cross, False, "encoder_decoder_attention")(
-        h, encoded_BxSxD, encoder_mask_BxS, None, deterministic=deterministic)
+        h, encoded_BxSxD, encoder_mask_BxS, None, deterministic=deterministic, decode=decode)
     y = y + dropout(h, deterministic=deterministic)
     h = Mlp(cfg, name="mlp")(_norm(cfg, "pre_mlp_layer_norm")(y), deterministic)
     y = y + dropout(h, deterministic=deterministic)
@@ -378,10 +400,11 @@ class Encoder(nn.Module):
     cfg = self.config
     table = RelativePositionTable(cfg.num_heads, cfg.relative_attention_num_buckets,
                                   name="relpos_bias")()
-    layer_cls = partitioning.remat(EncoderLayer, cfg.remat, static_argnums=(4,))
     x = _dropout(cfg.dropout_rate)(embeds_BxTxD.astype(cfg.dtype), deterministic=deterministic)
-    for i in range(cfg.num_encoder_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x, mask_BxT, table, deterministic)
+    x = layers.block_stack(
+        EncoderLayer, x, mask_BxT, table, deterministic, depth=cfg.num_encoder_layers,
+        name="layers", scan=cfg.scan, block_kwargs=lambda i: dict(config=cfg),
+        remat=lambda c: partitioning.remat(c, cfg.remat, static_argnums=(4,)))
     x = _norm(cfg, "encoder_norm")(x)
     return _dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -398,14 +421,15 @@ class Decoder(nn.Module):
     cfg = self.config
     table = RelativePositionTable(cfg.num_heads, cfg.relative_attention_num_buckets,
                                   name="relpos_bias")()
-    # The cache is written inside the layers, so they are never rematerialized while decoding.
-    layer_cls = partitioning.remat(DecoderLayer, "none" if decode else cfg.remat,
-                                   static_argnums=(5, 6))
     dropout = _dropout(cfg.dropout_rate)
     y = dropout(self.shared_embedding(tokens_BxT), deterministic=deterministic)
-    for i in range(cfg.num_decoder_layers):
-      y = layer_cls(cfg, name=f"layers_{i}")(
-          y, encoded_BxSxD, encoder_mask_BxS, table, deterministic, decode)
+    # The cache is written inside the layers, so they are never rematerialized while decoding.
+    remat_mode = "none" if decode else cfg.remat
+    y = layers.block_stack(
+        DecoderLayer, y, encoded_BxSxD, encoder_mask_BxS, table, deterministic, decode,
+        depth=cfg.num_decoder_layers, name="layers", scan=cfg.scan,
+        block_kwargs=lambda i: dict(config=cfg),
+        remat=lambda c: partitioning.remat(c, remat_mode, static_argnums=(5, 6)))
     hidden = _norm(cfg, "decoder_norm")(y)
     y = dropout(hidden, deterministic=deterministic)
     if cfg.tie_word_embeddings:

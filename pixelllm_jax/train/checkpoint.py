@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from pixelllm_jax import scan_layout
 from pixelllm_jax.tree_paths import path_of
 
 STATE, DATA = "state", "data"
@@ -97,14 +98,30 @@ def restore_params(directory: str, abstract_params: Any,
       raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} under "
                               f"{os.path.abspath(directory)} (steps there: {list(have)})")
     stored = manager.item_metadata(step)[STATE].tree["params"]
-    _check_same_tree(stored, abstract_params, f"{directory} step {step}")
-    target = {"params": abstract_params}
+    stored_layout = _in_stored_layout(abstract_params, stored)
+    _check_same_tree(stored, stored_layout, f"{directory} step {step}")
+    target = {"params": stored_layout}
     restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)}))
   finally:
     manager.close()
-  return int(step), restored[STATE]["params"]
+  return int(step), _in_model_layout(restored[STATE]["params"], abstract_params)
+
+
+def _in_stored_layout(abstract: Any, stored: Any) -> Any:
+  """The model's abstract params (with shardings) rearranged into the layer layout of the
+  checkpoint's tree `stored` (scanned or per layer: scan_layout.py)."""
+  return scan_layout.convert(abstract, stored, **scan_layout.abstract_ops)
+
+
+def _in_model_layout(restored: Any, abstract: Any) -> Any:
+  """Restored params in the model's layer layout, each leaf on the model's sharding."""
+  converted = scan_layout.convert(restored, abstract)
+  sharding = {path_of(kp): x.sharding for kp, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  # A no-op for leaves already in place; stacked / split layers move onto their sharding.
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, x: jax.device_put(x, sharding[path_of(kp)]), converted)
 
 
 def _check_same_tree(stored: Any, wanted: Any, where: str) -> None:
@@ -144,10 +161,10 @@ def load_params(path: str, params: Any, param_shardings: Any) -> Any:
   stored_leaves = {
       path_of(kp): meta for kp, meta in jax.tree_util.tree_leaves_with_path(stored)
   }
-  ours = {path_of(kp): (kp, x) for kp, x in jax.tree_util.tree_leaves_with_path(params)}
-  ours_sharding = {
-      path_of(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(param_shardings)
-  }
+  model_layout = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              params, param_shardings)
+  stored_layout = _in_stored_layout(model_layout, stored)
+  ours = {path_of(kp): (kp, x) for kp, x in jax.tree_util.tree_leaves_with_path(stored_layout)}
   unknown = sorted("/".join(p) for p in stored_leaves if p not in ours)
   if unknown:
     raise ValueError(f"{path}: parameters not in the model: {unknown[:10]}")
@@ -156,14 +173,11 @@ def load_params(path: str, params: Any, param_shardings: Any) -> Any:
       raise ValueError(f"{path}: {'/'.join(p)} has shape {tuple(meta.shape)}, "
                        f"the model wants {tuple(ours[p][1].shape)}")
 
-  def target(kp, _):
-    p = path_of(kp)
-    x = ours[p][1]
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=ours_sharding[p])
-
-  abstract = jax.tree_util.tree_map_with_path(target, stored)
+  abstract = jax.tree_util.tree_map_with_path(lambda kp, _: ours[path_of(kp)][1], stored)
   loaded = checkpointer.restore(path, abstract)
+  loaded = _in_model_layout(loaded, model_layout)
   by_path = {path_of(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(loaded)}
   return jax.tree_util.tree_map_with_path(
       lambda kp, x: by_path.get(path_of(kp), x), params
   )
+
