@@ -17,6 +17,8 @@ sqrt(v) + eps and turns it into updates of order lr * 0.03, different on every m
 out of the parameter comparison; the losses, which they cannot affect, and every other parameter
 are compared at the fixed tolerances.
 """
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -119,6 +121,25 @@ def test_rule_set_splits_parameters_and_their_moments(rules):
              if path_of(kp)[-len(kernel_path):] == kernel_path]
   assert len(moments) == 2
   assert all(m == _get(spec.shardings.params, "/".join(kernel_path)) for m in moments)
+
+
+
+def test_scanned_towers_keep_the_layer_axis_unsplit():
+  """A scanned stack's leading 'layers' axis is never sharded; its other axes split as before."""
+  cfg = mf.toy_config(lora_rank=2, frozen=("sam", "prompt_encoder"))
+  cfg = dataclasses.replace(cfg, t5=dataclasses.replace(cfg.t5, scan=True),
+                            eva02=dataclasses.replace(cfg.eva02, scan=True))
+  model = PixelLLMModel(cfg)
+  tx = optim.with_frozen(optim.make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10,
+                                              weight_decay=0.01), model.trainable)
+  spec = state_lib.state_spec(model, mf.random_batch(0, b=B, k=K, n=N, l=L, lc=LC), tx,
+                              Partitioner((2, 2, 2), "fsdp_tp"))
+  for path, want in {"t5/encoder/layers/mlp/wi_0/kernel": P(None, "fsdp", "model"),
+                     "t5/decoder/layers/self_attention/out/kernel": P(None, "model", "fsdp"),
+                     "eva02/blocks/attn/q_proj/kernel": P(None, "fsdp", "model")}.items():
+    sharding, shape = _get(spec.shardings.params, path), _get(spec.abstract.params, path).shape
+    assert sharding.spec == want, (path, sharding.spec)
+    assert sharding.shard_shape(shape) == (shape[0], shape[1] // 2, shape[2] // 2), path
 
 
 @pytest.mark.slow
