@@ -21,10 +21,13 @@ What it does (and so what the numbers mean):
    canvas, tokenized with the world's sentencepiece model (T5 ids), batched.
    Each source is also timed alone. Evaluation: `pipeline.eval_batches` over
    the val splits (long side = canvas, padded).
-Per-core numbers: with --worker_count=0 everything runs in this one thread, so
-examples / CPU-second of this process is the per-core rate (the wall-clock rate
-is printed too; other jobs on the machine slow it). With workers, the wall rate
-is divided by the workers used. It asserts nothing about speed.
+Per-core numbers are examples / CPU-second of this process and its live
+descendants (the grain workers, read from /proc), so other jobs on the machine
+barely move them. With --worker_count=0 everything runs in this one thread;
+with workers their CPU counts too (after a warm-up batch), and with it the cost
+of shipping batches between processes. The wall-clock rate is printed too: with W
+workers on W idle cores it is the host's rate; "cores busy" (CPU / wall) says
+how many cores the run really got. It asserts nothing about speed.
 """
 import argparse
 import json
@@ -124,20 +127,36 @@ def _short(cfg: augment.AugmentConfig) -> str:
           + (" +flip" if cfg.flip else ""))
 
 
-def _time(fn, count: int) -> tuple[float, float]:
-  """(wall seconds, CPU seconds of this process) of fn()."""
-  wall, cpu = time.perf_counter(), time.process_time()
+def _descendants_cpu() -> dict[int, float]:
+  """{pid: CPU seconds} of this process's live descendants (Linux /proc; {} elsewhere)."""
+  parent, cpu = {}, {}
+  for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else ()):
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after "pid (name)"
+    except OSError:  # exited meanwhile
+      continue
+    parent[int(pid)] = int(fields[1])
+    cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+  ours, frontier = set(), {os.getpid()}
+  while frontier:
+    frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - ours
+    ours |= frontier
+  return {pid: cpu[pid] for pid in ours}
+
+
+def _time(fn) -> tuple[float, float]:
+  """(wall seconds, CPU seconds of this process and its descendants) of fn()."""
+  wall, cpu, before = time.perf_counter(), time.process_time(), _descendants_cpu()
   fn()
-  return time.perf_counter() - wall, time.process_time() - cpu
+  after = _descendants_cpu()
+  children = sum(t - before.get(pid, 0.0) for pid, t in after.items())
+  return time.perf_counter() - wall, time.process_time() - cpu + children
 
 
-def _report(name: str, examples: int, wall: float, cpu: float, workers: int):
-  """In this thread (workers=0): per core = examples / this process's CPU seconds. With
-  workers the work is in their processes, not this one's CPU time: wall rate / workers."""
-  per_core = examples / cpu if workers == 0 else examples / wall / workers
-  how = "1 core, by CPU time" if workers == 0 else f"{workers} worker{'s' * (workers > 1)}, by wall time"
+def _report(name: str, examples: int, wall: float, cpu: float):
   print(f"{name:<44s} {examples:5d} ex  {examples / wall:8.1f} ex/s wall  "
-        f"{per_core:8.1f} ex/s per core ({how})")
+        f"{examples / cpu:8.1f} ex/s per core  ({cpu / wall:4.2f} cores busy)")
 
 
 def main():
@@ -181,7 +200,6 @@ def main():
           f"canvas {args.canvas}, TaskConfig L={config.max_target_len} Lc={config.max_context_len} "
           f"P={config.points_per_token}, N={args.num_slots} slots, batch {args.batch_size}, "
           f"grain workers {args.worker_count} (machine has {os.cpu_count()} cores)")
-    workers = args.worker_count
 
     def train(mixture):
       ds = pipeline.make_train_dataset(
@@ -191,20 +209,21 @@ def main():
           worker_count=args.worker_count)
       it = iter(ds)
       next(it)  # warm-up (worker start, first reads)
-      wall, cpu = _time(lambda: [next(it) for _ in range(args.num_batches)], args.num_batches)
+      wall, cpu = _time(lambda: [next(it) for _ in range(args.num_batches)])
+      it.close()  # its workers stop before the next source is timed
       return args.num_batches * args.batch_size, wall, cpu
 
     print("training (decode + augment + tokenize + batch):")
-    _report("mixture " + " ".join(f"{t}:{w}" for t, w in MIXTURE), *train(MIXTURE), workers)
+    _report("mixture " + " ".join(f"{t}:{w}" for t, w in MIXTURE), *train(MIXTURE))
     for task, _ in MIXTURE:
-      _report(f"  {task} alone ({_short(tasks.get(task).official_augment)})", *train([(task, 1.0)]), workers)
+      _report(f"  {task} alone ({_short(tasks.get(task).official_augment)})", *train([(task, 1.0)]))
     print("reads alone (tfds data_source[i]: record decode incl. JPEG, one thread):")
     for name, data in (("trace", sources["trace"]["train"]), ("refer", sources["refer"]["train"]),
                        ("refer, masks decoded", refer_all_decoded), ("loca", sources["loca"]["train"])):
       n = min(len(data), 100)
-      wall, cpu = _time(lambda: [data[i] for i in range(n)], n)
+      wall, cpu = _time(lambda: [data[i] for i in range(n)])
       task = name.split(",")[0]
-      _report(f"  {BUILDER[task][0]}/{BUILDER[task][1]}{name[len(task):]}", n, wall, cpu, 0)
+      _report(f"  {BUILDER[task][0]}/{BUILDER[task][1]}{name[len(task):]}", n, wall, cpu)
     print("evaluation (decode + resize/pad + tokenize + batch, one thread):")
     for task in ("refer", "loca", "trace"):
       data = sources[task]["val" if task != "loca" else "test"]
@@ -215,8 +234,8 @@ def main():
             task, data, tokenizer, config, batch_size=args.batch_size, num_slots=args.num_slots,
             num_prompts=args.num_slots, canvas_size=args.canvas):
           count[0] += 1
-      wall, cpu = _time(run_eval, 0)
-      _report(f"  {task} ({len(data)} images, {count[0]} batches)", len(data), wall, cpu, 0)
+      wall, cpu = _time(run_eval)
+      _report(f"  {task} ({len(data)} images, {count[0]} batches)", len(data), wall, cpu)
   finally:
     if args.work_dir is None:
       shutil.rmtree(root, ignore_errors=True)
