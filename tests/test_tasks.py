@@ -148,6 +148,22 @@ def test_loca_one_slot_per_region_with_its_box_as_prompt():
     assert slot.loss_weights.sum() == len(slot.target) and slot.point_weights.sum() == 0
 
 
+
+def test_refer_loca_one_slot_per_expression_with_its_object_box_as_prompt():
+  tok = WordTokenizer()
+  record = refer_record()
+  slots = tasks.refer_loca.make_slots(record, tok, tasks.TaskConfig(max_target_len=8))
+  assert [s.meta["reference"] for s in slots] == ["big blue square", "red circle",
+                                                  "the left thing"]
+  for slot, obj in zip(slots, [1, 0, 0]):
+    np.testing.assert_array_equal(slot.prompt_box, record["objects"]["box"][obj])
+    np.testing.assert_array_equal(slot.context, tok.encode("an object of") + [EOS])
+    np.testing.assert_array_equal(slot.target, tok.encode(slot.meta["reference"]) + [EOS])
+    assert slot.loss_weights.sum() == len(slot.target) and slot.point_weights.sum() == 0
+  # Two expressions of one object: two scored items (official RefCOCOg loca, no merging).
+  keys = {tasks.refer_loca._expression_key(s.meta) for s in slots}
+  assert len(keys) == 3
+
 def test_make_slots_rejects_unknown_task():
   with pytest.raises(ValueError, match="unknown task"):
     tasks.make_slots("densecap", {}, WordTokenizer(), tasks.TaskConfig())
