@@ -62,8 +62,9 @@ def test_loca_scores_decoded_phrases_and_writes_them(tmp_path):
   metrics = tasks.get("loca").evaluate(_context(tmp_path, predictions), [({}, metas)])
   assert metrics["loca_count"] == 2
   assert metrics["loca_exact_match"] == 0.5
-  assert set(metrics) == {"loca_count", "loca_exact_match", "loca_cider"}
+  assert set(metrics) == {"loca_count", "loca_exact_match", "loca_cider", "loca_meteor",
+                          "loca_bleu4", "loca_rouge_l"}
   rows = _read_jsonl(tmp_path / "predictions_loca.jsonl")
   assert [r["prediction"] for r in rows] == ["small red circle", "small red square"]
-  assert [r["reference"] for r in rows] == ["small red circle"] * 2
+  assert [r["references"] for r in rows] == [["small red circle"]] * 2
   np.testing.assert_allclose(rows[1]["box"], [0.5, 0.5, 1.0, 1.0])

@@ -1,11 +1,13 @@
-"""Metrics against hand-computed values: box IoU, refer P@0.5, cIoU, trace L1, pointing, captions."""
+"""Metrics against hand-computed values (box IoU, refer P@0.5, cIoU, trace L1, pointing, BLEU, ROUGE-L,\nCIDEr-D, METEOR) and the caption metrics against the COCO caption toolkit itself."""
+import json
 import shutil
+import types
 
 import numpy as np
 import pytest
-from pycocoevalcap.cider.cider import Cider
 
-from pixelllm_jax.metrics import boxes, captioning, refer, trace
+from pixelllm_jax import tasks
+from pixelllm_jax.metrics import boxes, captioning, java_tools, refer, trace
 
 
 # ----------------------------------------------------------------------------- boxes
@@ -49,6 +51,16 @@ def test_refer_precision_strict_threshold():
   np.testing.assert_allclose(scores.mean_iou, (1 + 0.5 + 1 / 7 + 0.6) / 4, rtol=1e-12)
   # A threshold just under 0.5 turns the exact-0.5 case into a hit.
   assert refer.refer_precision(pred, gt, threshold=0.499).precision == 0.75
+
+
+def test_refer_precision_same_in_pixels():
+  # The hand case above on a 640 x 480 image: IoU is scale-invariant, so P@0.5 and mean IoU hold.
+  pred = np.array([[0.0, 0.0, 0.5, 0.25], [0.1, 0.2, 0.6, 0.7]])
+  gt = np.array([[0.0, 0.0, 0.25, 0.25], [0.1, 0.2, 0.6, 0.7]])  # IoU 0.5 (a miss), 1 (a hit)
+  for scale in (1.0, np.array([640, 480, 640, 480])):
+    scores = refer.refer_precision(pred * scale, gt * scale)
+    assert scores.precision == 0.5
+    np.testing.assert_allclose(scores.mean_iou, 0.75, rtol=1e-12)
 
 
 def test_refer_precision_rejects_bad_input():
@@ -128,11 +140,193 @@ def test_pointing_accuracy():
 
 
 # ----------------------------------------------------------------------------- captions
+# The toolkit's own numbers need Java (PTB tokenizer and METEOR jars); scripts/test.sh installs it.
+needs_java = pytest.mark.skipif(shutil.which("java") is None,
+                                reason="Java missing: scripts/test.sh installs default-jre-headless")
 
-REFS = {1: ["A man riding a horse.", "a person on a horse"],
-        2: ["Two dogs play in the snow!"],
-        3: ["a red t-shirt on a chair"],
-        4: ["a plate of food"]}
+
+@needs_java
+def test_ptb_tokenization_is_the_toolkits():
+  tokenized = java_tools.ptb_tokenize({
+      1: ["A man's red T-shirt, isn't it?", "Two dogs (big) play... in the snow!"],
+      "x": ["", "café au lait"]})
+  # Lower case, clitics split, hyphens kept, the toolkit's punctuation list dropped; its list has
+  # "-LRB-" in upper case only, so the lower-cased bracket tokens stay (as in the toolkit).
+  assert tokenized == {1: ["a man 's red t-shirt is n't it", "two dogs -lrb- big -rrb- play in the snow"],
+                       "x": ["", "café au lait"]}
+
+
+@needs_java
+def test_ptb_keeps_captions_on_their_ids_across_line_breaks():
+  # Java ends a line at \r and U+2028; the toolkit alone would move "b" onto id 2 and lose id 3.
+  tokenized = java_tools.ptb_tokenize({1: ["a\rb"], 2: ["x\u2028y"], 3: ["end"]})
+  assert tokenized == {1: ["a b"], 2: ["x y"], 3: ["end"]}
+
+
+@needs_java
+def test_bleu_hand_values():
+  references = {"a": ["a man is riding a horse", "a person rides a brown horse"],
+                "b": ["two dogs play in the snow"]}
+  predictions = {"a": "a man is riding a brown horse", "b": "two dogs"}
+  # Clipped n-gram matches / n-grams of the predictions, pooled over the corpus:
+  #   1-grams: a: a x2, man, is, riding, brown, horse: 7/7; b: two, dogs: 2/2       -> 9/9
+  #   2-grams: a: a man, man is, is riding, riding a (ref 1), a brown, brown horse (ref 2): 6/6;
+  #            b: two dogs 1/1                                                       -> 7/7
+  #   3-grams: a: a man is, man is riding, is riding a, a brown horse; not riding a brown: 4/5
+  #   4-grams: a: a man is riding, man is riding a; not is riding a brown, riding a brown horse: 2/4
+  # Brevity: prediction lengths 7 + 2 = 9, closest reference lengths 6 + 6 = 12 -> exp(1 - 12/9).
+  # BLEU-n = brevity * (p1 ... pn)^(1/n).
+  brevity = np.exp(1 - 12 / 9)
+  expected = [brevity, brevity, brevity * 0.8 ** (1 / 3), brevity * 0.4 ** (1 / 4)]
+  # The toolkit adds 1e-15 to every match count and 1e-9 to every denominator: rel. error ~1e-10.
+  np.testing.assert_allclose(captioning.bleu(predictions, references), expected, rtol=1e-8)
+
+
+@needs_java
+def test_rouge_l_hand_values():
+  refs = {"x": ["a c e", "a d"], "y": ["one two three four"]}
+  # x: LCS("a b c d", "a c e") = 2: P = 2/4, R = 2/3; LCS("a b c d", "a d") = 2: P = 2/4, R = 2/2.
+  # The toolkit takes the best P and the best R over the references (here from different ones),
+  # then F = (1 + b^2) P R / (R + b^2 P) with beta = 1.2.
+  p, r, b2 = 0.5, 1.0, 1.2 ** 2
+  rouge_x = (1 + b2) * p * r / (r + b2 * p)
+  preds = {"x": "a b c d", "y": "One two three four."}  # y is exact once tokenized: 1.0
+  np.testing.assert_allclose(captioning.rouge_l(preds, refs), (rouge_x + 1.0) / 2, rtol=1e-12)
+
+
+@needs_java
+def test_cider_d_clipping_and_length_penalty_by_hand():
+  # Two images, so an n-gram in the references of one image only has idf log(2 / 1) = g, and an
+  # n-gram in no reference has idf log(2 / max(1, 0)) = g too; tf-idf = count * g.
+  references = {1: ["red ball"], 2: ["blue sky"]}
+  predictions = {1: "red red red ball", 2: "blue sky"}
+  # Image 1, unigrams: prediction (red 3g, ball g), |.| = g sqrt(10); reference (red g, ball g),
+  #   |.| = g sqrt(2). Clipping: sum min(pred, ref) * ref = g^2 (red, clipped from 3g^2) + g^2 (ball),
+  #   cosine 2 / sqrt(20) (unclipped it would be 4 / sqrt(20)).
+  # Bigrams: prediction (red red 2g, red ball g), |.| = g sqrt(5); reference (red ball g):
+  #   cosine 1 / sqrt(5). 3- and 4-grams: the reference has none: 0.
+  # Length penalty: lengths count bigrams, 3 vs 1: exp(-2^2 / (2 * 6^2)) = exp(-1/18).
+  # CIDEr-D = 10 * mean over n (one reference) = 10 * (2 / sqrt(20) + 1 / sqrt(5)) / 4 * exp(-1/18)
+  #         = sqrt(5) * exp(-1/18).
+  image_1 = np.sqrt(5) * np.exp(-1 / 18)
+  image_2 = 10 * (1 + 1 + 0 + 0) / 4  # exact two-word caption: 1- and 2-gram cosines 1, no 3/4-grams
+  np.testing.assert_allclose(captioning.cider(predictions, references), (image_1 + image_2) / 2,
+                             rtol=1e-12)
+  # With several references the per-reference scores are averaged: adding a copy of the first
+  # reference changes nothing, adding a disjoint one halves image 1's score.
+  np.testing.assert_allclose(
+      captioning.cider(predictions, {1: ["red ball", "red ball"], 2: ["blue sky"]}),
+      (image_1 + image_2) / 2, rtol=1e-12)
+
+
+@needs_java
+def test_meteor_hand_cases_and_best_reference():
+  references = {1: ["a man riding a horse"], 2: ["two dogs in the snow"]}
+  assert captioning.meteor({1: "A man riding a horse.", 2: "Two dogs in the snow"},
+                           references) == 1.0  # identical once tokenized: no fragmentation penalty
+  assert captioning.meteor({1: "zebra umbrella", 2: "quantum violin"}, references) == 0.0
+  # METEOR scores against the best-matching reference: a prediction equal to one of five is 1.
+  five = {1: ["a cat on a mat", "a dog", "the sky is blue", "a red car", "a man riding a horse"]}
+  assert captioning.meteor({1: "a man riding a horse"}, five) == 1.0
+
+
+@needs_java
+def test_exact_match_on_tokenized_text():
+  refs = {1: ["A man riding a horse.", "a person on a horse"], 2: ["Two dogs play in the snow!"],
+          3: ["a red t-shirt on a chair"], 4: ["a plate of food"]}
+  predictions = {1: "a person on a horse!", 2: "two dogs play in snow", 3: "A red T-shirt on a chair",
+                 4: "a plate of food"}
+  assert captioning.exact_match(predictions, refs) == 0.75
+
+
+class _StubSpice:
+  """SPICE would download Stanford CoreNLP models; it is not one of our metrics."""
+
+  def compute_score(self, gts, res):
+    return 0.0, [0.0] * len(res)
+
+  def method(self):
+    return "SPICE"
+
+
+class _CaptionSet:
+  """The two attributes of pycocotools' COCO that COCOEvalCap reads."""
+
+  def __init__(self, captions):
+    self.imgToAnns = {i: [{"image_id": i, "caption": c} for c in caps] for i, caps in captions.items()}
+
+  def getImgIds(self):  # pylint: disable=invalid-name
+    return list(self.imgToAnns)
+
+
+TOOLKIT_REFERENCES = {
+    11: ["A man riding a wave on top of a surfboard.", "A surfer rides the large wave in the ocean!",
+         "a man on a surf board riding a wave", "A person's surfing on a wave (a big one).",
+         "Surfer riding a wave, don't fall."],
+    12: ["A boy in a red T-shirt plays frisbee.", "A kid throws a frisbee in the park",
+         "Young boy in red shirt with a frisbee", "The child's frisbee is red.",
+         "a boy, a frisbee and a tree"],
+    13: ["Two dogs play in the snow!"],
+    14: ["A plate of food with broccoli.", "Broccoli and rice on a white plate", "a dish of food"],
+    15: ["A clock tower in the city", "The tall tower's clock reads 3:45."],
+}
+TOOLKIT_PREDICTIONS = {11: "A man riding a wave on a surfboard.",
+                       12: "a boy in a red t-shirt throwing a frisbee",
+                       13: "Dogs playing in the snow", 14: "A plate of broccoli and rice.",
+                       15: "The clock's tower..."}
+
+
+@needs_java
+def test_scores_equal_coco_eval_cap(monkeypatch):
+  """Our wrapper against pycocoevalcap's COCOEvalCap itself (PTB, all 5 references per image)."""
+  from pycocoevalcap import eval as coco_eval  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(coco_eval, "Spice", _StubSpice)
+  # The toolkit's Meteor() on the JVM our wrapper keeps (one start of ~10-20 s instead of two): the
+  # same class and jar, whose answers depend only on each line sent.
+  monkeypatch.setattr(coco_eval, "Meteor", java_tools.meteor_scorer)
+  toolkit = coco_eval.COCOEvalCap(
+      _CaptionSet(TOOLKIT_REFERENCES),
+      _CaptionSet({i: [c] for i, c in TOOLKIT_PREDICTIONS.items()}))
+  toolkit.evaluate()
+  expected = {k: v for k, v in toolkit.eval.items() if k != "SPICE"}
+
+  ours = captioning.caption_scores(TOOLKIT_PREDICTIONS, TOOLKIT_REFERENCES)
+  assert ours == expected  # exactly: the same tokens, scorers and order
+  assert 0.2 < ours["METEOR"] < 0.6 and 0.5 < ours["CIDEr"] < 5.0
+  # The test can tell tokenizations apart: the offline rule gives other numbers on this set.
+  offline = captioning.caption_scores(TOOLKIT_PREDICTIONS, TOOLKIT_REFERENCES,
+                                      tokenization="offline", meteor=False)
+  assert offline["CIDEr"] != ours["CIDEr"]
+  # And it can tell all references from one: scoring against the first reference only differs.
+  first_only = {i: refs[:1] for i, refs in TOOLKIT_REFERENCES.items()}
+  assert captioning.caption_scores(TOOLKIT_PREDICTIONS, first_only)["METEOR"] != ours["METEOR"]
+
+
+def test_without_java_fails_naming_the_package_unless_asked_offline(monkeypatch):
+  monkeypatch.setattr(java_tools.shutil, "which", lambda name: None)
+  for call in (lambda: captioning.caption_scores({1: "a"}, {1: ["a"]}),
+               lambda: captioning.caption_scores({1: "a"}, {1: ["a"]}, tokenization="offline"),
+               lambda: captioning.cider({1: "a"}, {1: ["a"]}),
+               lambda: captioning.meteor({1: "a"}, {1: ["a"]}, tokenization="offline")):
+    with pytest.raises(java_tools.JavaNotFound, match="default-jre-headless"):
+      call()
+  # The explicit opt-out runs without Java, on the offline rule.
+  scores = captioning.caption_scores({1: "A red T-shirt.", 2: "zebra"},
+                                     {1: ["a red t shirt"], 2: ["dog"]},
+                                     tokenization="offline", meteor=False, exact_match=True)
+  assert "METEOR" not in scores and scores["exact_match"] == 0.5
+  # 4 of the 5 unigrams match; lengths 4 + 1 equal the references': no brevity penalty.
+  assert scores["Bleu_1"] == pytest.approx(4 / 5, rel=1e-8)
+
+
+def test_settings_from_env(monkeypatch):
+  monkeypatch.delenv(captioning.ENV_VAR, raising=False)
+  assert captioning.settings_from_env() == {"tokenization": "ptb", "meteor": True}
+  monkeypatch.setenv(captioning.ENV_VAR, "offline")
+  assert captioning.settings_from_env() == {"tokenization": "offline", "meteor": False}
+  monkeypatch.setenv(captioning.ENV_VAR, "ptb")
+  with pytest.raises(ValueError, match="toolkit"):
+    captioning.settings_from_env()
 
 
 def test_normalize_caption():
@@ -141,67 +335,89 @@ def test_normalize_caption():
   assert captioning.normalize_caption("a t-shirt (blue)_x") == "a t shirt blue x"
 
 
-def test_exact_match():
-  predictions = {1: "a person on a horse!", 2: "two dogs play in snow", 3: "A red T-shirt on a chair",
-                 4: "a plate of food"}
-  assert captioning.exact_match(predictions, REFS) == 0.75
-
-
-def test_cider_matches_pycocoevalcap_on_hand_tokenized_text():
-  predictions = {1: "A man rides a horse.", 2: "Dogs in the snow", 3: "a red shirt", 4: "Food!"}
-  hand_tokenized_gts = {1: ["a man riding a horse", "a person on a horse"],
-                        2: ["two dogs play in the snow"],
-                        3: ["a red t shirt on a chair"],
-                        4: ["a plate of food"]}
-  hand_tokenized_res = {1: ["a man rides a horse"], 2: ["dogs in the snow"], 3: ["a red shirt"],
-                        4: ["food"]}
-  expected, _ = Cider().compute_score(hand_tokenized_gts, hand_tokenized_res)
-  assert captioning.cider(predictions, REFS) == pytest.approx(expected, rel=1e-12)
-  assert 0.0 < expected < 10.0
-
-
-def test_cider_identical_beats_disjoint():
-  identical = {key: refs[0] for key, refs in REFS.items()}
-  disjoint = {key: "zebra umbrella quantum" for key in REFS}
-  high = captioning.cider(identical, REFS)
-  assert high > 1.0  # coco-caption scale: a perfect caption scores several units
-  assert captioning.cider(disjoint, REFS) == 0.0
-
-
-def test_rouge_and_bleu_hand_values():
-  refs = {"x": ["a c e"], "y": ["one two three four"]}
-  # x: LCS("a b c d", "a c e") = 2, P = 1/2, R = 2/3, beta = 1.2 -> (1 + b^2) P R / (R + b^2 P).
-  p, r, b2 = 0.5, 2 / 3, 1.2 ** 2
-  rouge_x = (1 + b2) * p * r / (r + b2 * p)
-  preds = {"x": "a b c d", "y": "one two three four"}  # y is exact: 1.0
-  np.testing.assert_allclose(captioning.rouge_l(preds, refs), (rouge_x + 1.0) / 2, rtol=1e-12)
-  identical = {"x": "a c e", "y": "one two three four"}
-  np.testing.assert_allclose(captioning.bleu(identical, refs), [1.0] * 4, atol=1e-6)
-  # BLEU-1 for preds: clipped unigram matches (2 + 4) / 8 hypothesis words, no brevity penalty.
-  np.testing.assert_allclose(captioning.bleu(preds, refs)[0], 6 / 8, atol=1e-6)
-
-
-def test_mismatched_ids_raise():
+def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="differ"):
-    captioning.cider({1: "a"}, {2: ["a"]})
+    captioning.cider({1: "a"}, {2: ["a"]}, tokenization="offline")
   with pytest.raises(ValueError, match="non-empty"):
-    captioning.cider({1: "a"}, {1: []})
+    captioning.cider({1: "a"}, {1: []}, tokenization="offline")
+  with pytest.raises(ValueError, match="no captions"):
+    captioning.cider({}, {}, tokenization="offline")
+  with pytest.raises(ValueError, match="tokenization"):
+    captioning.cider({1: "a"}, {1: ["a"]}, tokenization="nltk")
 
 
-def test_meteor_without_java_raises_clearly(monkeypatch):
-  monkeypatch.setattr(captioning.shutil, "which", lambda name: None)
-  with pytest.raises(RuntimeError, match="Java"):
-    captioning.meteor({1: "a"}, {1: ["a"]})
+# ----------------------------------------------------------------------------- caption tasks
+
+class _WordTokenizer:
+  words = {3: "small", 4: "red", 5: "circle", 6: "square", 7: "a"}
+
+  def decode(self, ids):
+    return " ".join(self.words[i] for i in ids if i in self.words)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
-def test_meteor_and_caption_scores():
-  """The one test that starts a JVM (~14 s)."""
-  predictions = {1: "a man riding a horse", 2: "zebra umbrella", 3: "a red t-shirt on a chair",
-                 4: "a plate of food"}
-  scores = captioning.caption_scores(predictions, REFS, with_meteor=True)
-  assert set(scores) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr", "METEOR",
-                         "exact_match"}
-  assert 0.5 < scores["METEOR"] < 1.0  # three exact captions, one disjoint
-  assert scores["exact_match"] == 0.75
+def _eval_context(tmp_path, tokens):
+  """A context whose model decodes `tokens` int32[B, S, L] (the caption tasks read only tokens)."""
+  predictions = types.SimpleNamespace(tokens=tokens)
+  return tasks.base.EvalContext(
+      teacher_forced=lambda batch: predictions, generate=lambda batch: predictions,
+      tokenizer=_WordTokenizer(), out_dir=str(tmp_path), num_visualizations=0)
+
+
+@needs_java
+def test_caption_task_scores_each_image_once_against_all_its_references(tmp_path, monkeypatch):
+  monkeypatch.delenv(captioning.ENV_VAR, raising=False)
+  # Image 7's five captions are five slots over two rows (as with 4 slots per row); image 8 has one.
+  tokens = np.array([[[7, 4, 5, 1], [7, 4, 5, 1], [7, 4, 5, 1], [7, 4, 5, 1]],
+                     [[7, 4, 5, 1], [3, 6, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]], np.int32)
+  refs_7 = ["A red circle.", "a small red circle", "red circle", "the circle is red", "a red ring"]
+  metas = [(0, s, {"image_id": 7, "reference": refs_7[s]}) for s in range(4)]
+  metas += [(1, 0, {"image_id": b"7", "reference": refs_7[4]}),
+            (1, 1, {"image_id": 8, "reference": "a small square"})]
+  metrics = tasks.get("caption").evaluate(_eval_context(tmp_path, tokens), [({}, metas)])
+
+  expected = captioning.caption_scores({7: "a red circle", 8: "small square"},
+                                       {7: refs_7, 8: ["a small square"]})
+  assert metrics == {"caption_count": 2, "caption_cider": expected["CIDEr"],
+                     "caption_meteor": expected["METEOR"], "caption_bleu4": expected["Bleu_4"],
+                     "caption_rouge_l": expected["ROUGE_L"]}
+  rows = [json.loads(line) for line in open(tmp_path / "predictions_caption.jsonl")]
+  assert rows == [{"image_id": 7, "prediction": "a red circle", "references": refs_7},
+                  {"image_id": 8, "prediction": "small square", "references": ["a small square"]}]
+
+
+@needs_java
+def test_loca_task_scores_every_region(tmp_path, monkeypatch):
+  monkeypatch.delenv(captioning.ENV_VAR, raising=False)
+  tokens = np.array([[[3, 4, 5, 1], [3, 4, 6, 1], [3, 4, 5, 1]]], np.int32)
+  box = np.array([0.0, 0.0, 0.5, 0.5], np.float32)
+  # Regions 1 and 2 share a box (VG repeats boxes): still two items, each with its own phrase.
+  metas = [(0, 0, {"image_id": 5, "region_id": 1, "reference": "small red circle", "box": box}),
+           (0, 1, {"image_id": 5, "region_id": 2, "reference": "small red circle", "box": box}),
+           (0, 2, {"image_id": 5, "region_id": 3, "reference": "big blue circle",
+                   "box": np.array([0.5, 0.5, 1.0, 1.0], np.float32)})]
+  metrics = tasks.get("loca").evaluate(_eval_context(tmp_path, tokens), [({}, metas)])
+  predictions = {0: "small red circle", 1: "small red square", 2: "small red circle"}
+  references = {0: ["small red circle"], 1: ["small red circle"], 2: ["big blue circle"]}
+  expected = captioning.caption_scores(predictions, references, exact_match=True)
+  assert metrics["loca_count"] == 3
+  assert metrics["loca_exact_match"] == 1 / 3
+  for name, key in (("cider", "CIDEr"), ("meteor", "METEOR"), ("bleu4", "Bleu_4"),
+                    ("rouge_l", "ROUGE_L")):
+    assert metrics[f"loca_{name}"] == expected[key], name
+  rows = [json.loads(line) for line in open(tmp_path / "predictions_loca.jsonl")]
+  assert [(r["region_id"], r["prediction"], r["references"]) for r in rows] == [
+      (1, "small red circle", ["small red circle"]), (2, "small red square", ["small red circle"]),
+      (3, "small red circle", ["big blue circle"])]
+
+
+def test_caption_task_offline_opt_out_runs_without_java(tmp_path, monkeypatch):
+  monkeypatch.setattr(java_tools.shutil, "which", lambda name: None)
+  monkeypatch.delenv(captioning.ENV_VAR, raising=False)
+  tokens = np.array([[[7, 3, 4, 5, 1]]], np.int32)
+  metas = [(0, 0, {"image_id": 1, "reference": "A small red circle."})]
+  with pytest.raises(java_tools.JavaNotFound, match=captioning.ENV_VAR):
+    tasks.get("caption").evaluate(_eval_context(tmp_path, tokens), [({}, metas)])
+  monkeypatch.setenv(captioning.ENV_VAR, "offline")
+  metrics = tasks.get("caption").evaluate(_eval_context(tmp_path, tokens), [({}, metas)])
+  assert metrics["caption_count"] == 1 and "caption_meteor" not in metrics
+  assert metrics["caption_bleu4"] == pytest.approx(1.0, rel=1e-8)

@@ -10,7 +10,9 @@ Point L1, as the official `PointEvaluator`, all in coordinates normalized to [0,
      optional `token_mask` (e.g. EOS / pad positions);
   4. per image: the mean over its scored tokens (all caption slots of the image pooled);
   5. dataset: the mean over images that have at least one scored token (images, not tokens, weigh
-     equally). With nothing scored the result is NaN.
+     equally). With nothing scored the result is NaN. (The official evaluator divides by the token
+     count + 1e-8, so an image without a scored token enters its mean as 0; leaving it out is the
+     one difference, and none where every image has a traced token, as in Localized Narratives.)
 
 With the default 2-point head and box targets (Q = 2 corners), step 2 matches each predicted corner
 to the nearer ground-truth corner.

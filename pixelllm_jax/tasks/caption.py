@@ -2,8 +2,11 @@
 
 Data: the `caption` of Localized Narratives records (one narrative per record),
 or COCO captions (`coco_captions` builder, several per image). Evaluation
-decodes greedily with the KV cache and scores CIDEr-D against the references.
+decodes greedily with the KV cache and scores each image's caption against all
+of its references (COCO: 5) with the COCO caption toolkit: CIDEr-D, METEOR,
+BLEU-4, ROUGE-L.
 """
+from collections.abc import Callable, Hashable
 import os
 
 import numpy as np
@@ -29,30 +32,55 @@ def make_slots(record: dict, tokenizer: base.TextEncoder, config: base.TaskConfi
   ]
 
 
-def evaluate_captions(ctx: base.EvalContext, batches: base.Batches, task: str, *,
+def evaluate_captions(ctx: base.EvalContext, batches: base.Batches, task: str,
+                      item_key: Callable[[dict], Hashable | None], *,
                       exact_match: bool = False) -> dict[str, float]:
-  """Greedy captions of every slot scored with CIDEr-D (and optionally exact match)
-  against its reference; every prediction to `predictions_<task>.jsonl`."""
-  predictions, references, rows = {}, {}, []
+  """Greedy captions scored as the COCO caption toolkit scores them (metrics/captioning.py).
+
+  Slots with the same `item_key(meta)` (an image, a region) are one scored item: one prediction
+  against the references of all its slots (a COCO image's 5 captions). The prediction is the
+  item's first slot's: its other slots have the same image and prompt, so greedy decoding gives
+  the same caption. A key of None makes the slot an item of its own. Writes one row per item to
+  `predictions_<task>.jsonl`. Settings (toolkit tokenization and METEOR, or the explicit offline
+  opt-out) come from $PIXELLLM_CAPTION_METRICS and are checked before any decoding.
+
+  -> <task>_cider (CIDEr-D), _meteor, _bleu4, _rouge_l (and _exact_match), toolkit scale, and
+  <task>_count, the number of items (nothing but the count when there is no item).
+  """
+  settings = captioning.settings_from_env()
+  captioning.check_available(**settings)
+  items: dict[Hashable, dict] = {}
   for batch, metas in batches:
     tokens = ctx.generate(batch).tokens
     for row, slot, meta in metas:
-      key = len(predictions)
-      predictions[key] = ctx.tokenizer.decode(np.asarray(tokens[row, slot]).tolist())
-      references[key] = [meta["reference"]]
-      rows.append({"image_id": base.image_id(meta), "prediction": predictions[key],
-                   "reference": meta["reference"]}
-                  | ({"box": meta["box"]} if "box" in meta else {}))
-  base.write_jsonl(os.path.join(ctx.out_dir, f"predictions_{task}.jsonl"), rows)
-  result = {f"{task}_cider": captioning.cider(predictions, references),
-            f"{task}_count": len(predictions)}
-  if exact_match:
-    result[f"{task}_exact_match"] = captioning.exact_match(predictions, references)
+      key = item_key(meta)
+      key = ("slot", len(items)) if key is None else key
+      if key not in items:
+        items[key] = {"image_id": base.image_id(meta),
+                      "prediction": ctx.tokenizer.decode(np.asarray(tokens[row, slot]).tolist()),
+                      "references": []} | {k: meta[k] for k in ("region_id", "box") if k in meta}
+      items[key]["references"].append(meta["reference"])
+  base.write_jsonl(os.path.join(ctx.out_dir, f"predictions_{task}.jsonl"), items.values())
+  result = {f"{task}_count": len(items)}
+  if not items:
+    return result
+  scores = captioning.caption_scores({k: v["prediction"] for k, v in items.items()},
+                                     {k: v["references"] for k, v in items.items()},
+                                     exact_match=exact_match, **settings)
+  names = {"CIDEr": "cider", "METEOR": "meteor", "Bleu_4": "bleu4", "ROUGE_L": "rouge_l",
+           "exact_match": "exact_match"}
+  result.update({f"{task}_{names[k]}": v for k, v in scores.items() if k in names})
   return result
 
 
+def _image_key(meta: dict) -> Hashable | None:
+  image_id = base.image_id(meta)
+  return None if image_id is None else ("image", image_id)
+
+
 def evaluate(ctx: base.EvalContext, batches: base.Batches) -> dict[str, float]:
-  return evaluate_captions(ctx, batches, NAME)
+  """Each image's caption against all of its references (its records' captions pooled)."""
+  return evaluate_captions(ctx, batches, NAME, _image_key)
 
 
 TASK = base.Task(

@@ -2,7 +2,8 @@
 
 Data: GRiT-style Visual Genome dense-captioning records (one slot per region,
 the region box as its own prompt, "an object of" instruction). Evaluation
-decodes greedily and scores CIDEr-D and exact match against the phrase.
+decodes greedily and scores each region's phrase against its reference with
+the COCO caption toolkit (CIDEr-D, METEOR, BLEU-4, ROUGE-L) plus exact match.
 """
 import numpy as np
 
@@ -30,7 +31,10 @@ def make_slots(record: dict, tokenizer: base.TextEncoder, config: base.TaskConfi
 
 
 def evaluate(ctx: base.EvalContext, batches: base.Batches) -> dict[str, float]:
-  return caption.evaluate_captions(ctx, batches, NAME, exact_match=True)
+  """Each region's phrase against its own reference, as the official LocaEvaluator is configured
+  for VG and RefCOCOg (merge_gt_boxes=False): every region is an item, even one whose box
+  repeats another region's."""
+  return caption.evaluate_captions(ctx, batches, NAME, lambda meta: None, exact_match=True)
 
 
 TASK = base.Task(
