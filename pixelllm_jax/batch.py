@@ -41,6 +41,10 @@ class Batch:
   point_targets: Array         # float32[B, N, L, P, 2]
   point_weights: Array         # float32[B, N, L]
   task_ids: Array              # int32[B, N]: index into tasks.TASKS, EMPTY_SLOT for padding
+  # bool[B, N, H, W]: each slot's target mask on the canvas (all False for slots without
+  # one). Only batches that hold a mask task carry it (tasks.base.Task.mask_loss); None
+  # elsewhere, so other batches neither carry nor compute masks.
+  mask_targets: Array | None = None
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -53,6 +57,9 @@ class Output:
   logits: Array   # float32[B, N, L, V]
   points: Array   # float32[B, N, L, P, 2], normalized coordinates
   hidden: Array   # float32[B, N, L, D]: final decoder hidden states (what the head reads)
+  # The mask head's, when asked for (models/heads/mask.py), else None:
+  mask_logits: Array | None = None  # float32[B, N, 4h, 4w]: low-res logits over the canvas
+  mask_iou: Array | None = None     # float32[B, N]: the mask's predicted IoU
 
 
 def shift_right(target_tokens: np.ndarray) -> np.ndarray:

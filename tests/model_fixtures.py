@@ -14,6 +14,8 @@ from pixelllm_jax.tasks import TASKS
 from pixelllm_jax.lora import LoraConfig
 from pixelllm_jax.models.eva02 import EVA02Config
 from pixelllm_jax.models.heads.localization import LocHeadConfig
+from pixelllm_jax.models.heads.mask import MaskHeadConfig
+from pixelllm_jax.models.mask_decoder import MaskDecoderConfig
 from pixelllm_jax.models.pixel_llm import PixelLLMConfig
 from pixelllm_jax.models.prompt_encoder import PromptEncoderConfig
 from pixelllm_jax.models.prompt_extractor import PromptExtractorConfig
@@ -58,6 +60,14 @@ def toy_config(*, lora_rank: int = 0, loc_grad_to_lm: bool = True, eva02: bool =
   )
 
 
+def toy_mask_head(**kwargs) -> MaskHeadConfig:
+  """A mask head at the toy SAM width (16): adapter and decoder with 2 heads, MLP 32."""
+  return MaskHeadConfig(
+      decoder=MaskDecoderConfig(transformer_dim=16, iou_head_hidden_dim=16,
+                                transformer_num_heads=2, transformer_mlp_dim=32),
+      adapter_num_heads=2, adapter_mlp_dim=32, **kwargs)
+
+
 def _tokens_with_eos(r: np.random.RandomState, shape: tuple[int, ...], max_words: int,
                      min_words: int = 1) -> np.ndarray:
   """int32[*shape, max_words + 1]: random words, EOS, then 0-padding; random lengths."""
@@ -71,12 +81,13 @@ def _tokens_with_eos(r: np.random.RandomState, shape: tuple[int, ...], max_words
 
 
 def random_batch(seed: int, *, b: int = 2, k: int = 2, n: int = 3, l: int = 6, lc: int = 4,
-                 p: int = POINTS, image_size: int = IMAGE_SIZE) -> Batch:
+                 p: int = POINTS, image_size: int = IMAGE_SIZE, masks: bool = False) -> Batch:
   """A random but well-formed numpy Batch.
 
   Context tokens: 1..lc-1 words, EOS, 0-padding. Decoder targets: 1..l-1 words, EOS, 0-padding;
   inputs are the targets shifted right (t5x). Caption weights mark non-pad targets, point weights
-  a random subset of them; prompt boxes are valid xyxy in [0, 1].
+  a random subset of them; prompt boxes are valid xyxy in [0, 1]. `masks`: random target masks
+  (drawn after everything else, so the other fields do not change).
   """
   r = np.random.RandomState(seed)
   corners = np.sort(r.rand(b, k, 2, 2), axis=2)           # [B, K, (lo, hi), xy]
@@ -95,6 +106,7 @@ def random_batch(seed: int, *, b: int = 2, k: int = 2, n: int = 3, l: int = 6, l
       point_targets=r.rand(b, n, l, p, 2).astype(np.float32),
       point_weights=text_w * (r.rand(b, n, l) > 0.4),
       task_ids=r.randint(0, len(TASKS), size=(b, n)).astype(np.int32),
+      mask_targets=r.rand(b, n, image_size, image_size) > 0.6 if masks else None,
   )
 
 

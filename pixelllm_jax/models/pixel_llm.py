@@ -9,14 +9,21 @@ Data flow (docs/DESIGN.md, "The model"):
   [visual tokens of the slot's prompt ; embedded text prompt] -> T5 encoder
   T5 decoder (teacher forced or cached) -> logits and final hidden states
   hidden states -> localization head -> P points per token
+  (optional mask head) referring box + visual tokens + hidden states -> mask
+      adapter -> SAM mask decoder on SAM's map -> mask logits, IoU prediction
 
 The composer takes arrays, not the training `Batch` (pixelllm_jax/model.py
 unpacks batches): prompts may come from anywhere (a detector's proposals), and
 `image_features` keeps each tower's own map beside the fused one so heads can
-read them (a mask head reads SAM's). The extractor runs once per distinct
+read them (the mask head reads SAM's). The extractor runs once per distinct
 prompt (K per image); caption slots (N per image) pick their prompt through
 `prompt_index`. Whether the localization loss reaches the LM is
 `loc_grad_to_lm` (official: it does).
+
+Mask branch (`PixelLLMConfig.mask_head`, models/heads/mask.py; None: no mask
+submodules, existing configs and checkpoints unchanged): the teacher-forced
+pass segments each slot when given `mask_positions` (where each slot's box is
+read), returning the mask logits in `Output`.
 
 One canvas: `PixelLLMConfig.image_size` is the square canvas every image is
 padded to; the image towers' and the prompt encoder's sizes follow from it.
@@ -48,7 +55,10 @@ from pixelllm_jax.batch import Output
 from pixelllm_jax.lora import is_lora_path
 from pixelllm_jax.models.eva02 import EVA02Config, EVA02ViT
 from pixelllm_jax.models.fusion import fuse_feature_maps
-from pixelllm_jax.models.heads.localization import LocHead, LocHeadConfig
+from pixelllm_jax.models.heads import mask as mask_lib
+from pixelllm_jax.models.heads.localization import (LocHead, LocHeadConfig, points_at,
+                                                    points_to_boxes)
+from pixelllm_jax.models.mask_decoder import MaskDecoder
 from pixelllm_jax.models.prompt_encoder import POSITIVE, PromptEncoder, PromptEncoderConfig
 from pixelllm_jax.models.prompt_extractor import PromptExtractor, PromptExtractorConfig
 from pixelllm_jax.models.sam_vit import SamViT, SamViTConfig
@@ -57,7 +67,8 @@ from pixelllm_jax.models.t5 import T5, T5Config
 Array = jax.Array
 
 # Top-level submodules (the parameter tree's first level), in data-flow order.
-SUBMODULES = ("eva02", "sam", "prompt_encoder", "extractor", "visual_proj", "t5", "loc_head")
+SUBMODULES = ("eva02", "sam", "prompt_encoder", "extractor", "visual_proj", "t5", "loc_head",
+              "mask_adapter", "mask_decoder")
 # Submodules whose inputs are data: when frozen, their outputs are cut from the backward pass.
 _INPUT_TOWERS = ("eva02", "sam", "prompt_encoder")
 
@@ -71,6 +82,9 @@ class PixelLLMConfig:
   frozen: top-level submodules (SUBMODULES) that do not train; LoRA adapters
     inside a frozen submodule still train.
   dtype: compute dtype of the composer's own layers (the visual projection).
+  mask_head: the referring-segmentation branch (None: none). It needs the SAM
+    tower, a SAM width shared by SAM's map, the prompt encoder and the mask
+    decoder, and 2 points per token (the box).
   """
   t5: T5Config
   prompt_encoder: PromptEncoderConfig
@@ -85,6 +99,7 @@ class PixelLLMConfig:
   # 0: a box is its 2 corner tokens; n >= 2: an n x n grid of positive points over it.
   prompt_points_per_side: int = 0
   dtype: Any = jnp.float32
+  mask_head: mask_lib.MaskHeadConfig | None = None
 
   def __post_init__(self):
     if self.eva02 is None and self.sam is None:
@@ -99,12 +114,27 @@ class PixelLLMConfig:
     if unknown:
       raise ValueError(f"PixelLLMConfig.frozen names {unknown}; submodules are {SUBMODULES}")
     object.__setattr__(self, "frozen", frozen)
+    if self.mask_head is not None:
+      self._check_mask_head()
     size = self.image_size
     object.__setattr__(self, "prompt_encoder", dataclasses.replace(
         self.prompt_encoder, input_image_size=(size, size)))
     for tower in ("eva02", "sam"):
       if getattr(self, tower) is not None:
         object.__setattr__(self, tower, dataclasses.replace(getattr(self, tower), image_size=size))
+
+  def _check_mask_head(self):
+    if self.sam is None:
+      raise ValueError("PixelLLMConfig.mask_head needs the SAM tower (its map is what SAM's "
+                       "mask decoder reads): give PixelLLMConfig.sam")
+    widths = {"SamViTConfig.out_channels": self.sam.out_channels,
+              "PromptEncoderConfig.embed_dim": self.prompt_encoder.embed_dim,
+              "MaskDecoderConfig.transformer_dim": self.mask_head.width}
+    if len(set(widths.values())) > 1:
+      raise ValueError(f"the mask head needs one SAM width; got {widths}")
+    if self.loc_head.points_per_token != 2:
+      raise ValueError("PixelLLMConfig.mask_head reads a box: LocHeadConfig.points_per_token "
+                       f"must be 2, got {self.loc_head.points_per_token}")
 
   def trainable(self, path: Sequence[str]) -> bool:
     """Whether the parameter at `path` (names below 'params') trains."""
@@ -162,6 +192,9 @@ class PixelLLM(nn.Module):
     self.visual_proj = VisualProjection(cfg.t5.d_model, cfg.visual_proj_eps, dtype=cfg.dtype)
     self.t5 = T5(cfg.t5)
     self.loc_head = LocHead(cfg.loc_head)
+    if cfg.mask_head is not None:
+      self.mask_adapter = mask_lib.MaskAdapter(cfg.mask_head)
+      self.mask_decoder = MaskDecoder(cfg.mask_head.decoder)
 
   def _input_tower(self, name: str, x: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(x) if name in self.config.frozen else x
@@ -248,10 +281,49 @@ class PixelLLM(nn.Module):
         hidden=hidden.reshape(b, n, t, -1),
     )
 
+  def segment(self, sam_map: jax.Array, image_valid_hw: jax.Array, visual_BKQD: jax.Array,
+              prompt_index: jax.Array, output: Output, mask_positions: jax.Array) -> Output:
+    """`output` with each slot's mask (models/heads/mask.py).
+
+    sam_map float32[B, h, w, C] (`Features.maps['sam']`); visual_BKQD the
+    prompts' visual tokens (`visual_tokens`); mask_positions int32[B, N]: the
+    decoder position whose points give each slot's box. Adds
+    `mask_logits` float32[B, N, 4h, 4w] (covering the canvas) and `mask_iou`
+    float32[B, N].
+    """
+    visual_BNQD = jnp.take_along_axis(
+        visual_BKQD, prompt_index[:, :, None, None].astype(jnp.int32), axis=1)
+    boxes = points_to_boxes(points_at(output.points, mask_positions))
+    boxes = jax.lax.stop_gradient(jnp.clip(boxes, 0.0, 1.0))
+    box_tokens = self.prompt_encoder.embed_boxes(boxes, image_valid_hw)
+    image_pe = self.prompt_encoder.dense_pe(sam_map.shape[1:3])
+    dense_prompt = self.prompt_encoder.no_mask_embed()
+    box_tokens, image_pe, dense_prompt = (
+        self._input_tower("prompt_encoder", x) for x in (box_tokens, image_pe, dense_prompt))
+    text_mask = mask_lib.text_positions(mask_positions, output.hidden.shape[2])
+    residual = self.mask_adapter(visual_BNQD, output.hidden, text_mask)
+    sparse = box_tokens.astype(jnp.float32) + residual
+    logits, iou = self.mask_decoder(sam_map, image_pe, sparse, dense_prompt,
+                                    multimask_output=False)
+    return output.replace(mask_logits=logits[:, :, 0], mask_iou=iou[:, :, 0])
+
   def __call__(self, image: jax.Array, image_valid_hw: jax.Array, prompt_boxes: jax.Array,
                prompt_index: jax.Array, context_tokens: jax.Array,
-               decoder_input_tokens: jax.Array, *, train: bool = False) -> Output:
-    """Teacher-forced pass: the arrays of `batch.Batch` (same names) -> Output."""
-    encoded = self.encode(image, image_valid_hw, prompt_boxes, prompt_index, context_tokens,
-                          train=train)
-    return self.decode(encoded, decoder_input_tokens, train=train)
+               decoder_input_tokens: jax.Array, *, train: bool = False,
+               mask_positions: jax.Array | None = None) -> Output:
+    """Teacher-forced pass: the arrays of `batch.Batch` (same names) -> Output.
+
+    mask_positions: int32[B, N], where each slot's box is read, to segment it
+      too (needs `PixelLLMConfig.mask_head`); None: no masks.
+    """
+    if mask_positions is not None and self.config.mask_head is None:
+      raise ValueError("mask_positions given but the model has no mask head "
+                       "(PixelLLMConfig.mask_head)")
+    features = self.image_features(image)
+    visual = self.visual_tokens(features.fused, image_valid_hw, prompt_boxes)
+    encoded = self.encode_visual(visual, prompt_index, context_tokens, train=train)
+    output = self.decode(encoded, decoder_input_tokens, train=train)
+    if mask_positions is None:
+      return output
+    return self.segment(features.maps["sam"], image_valid_hw, visual, prompt_index, output,
+                        mask_positions)

@@ -17,6 +17,12 @@ Segment Anything (Kirillov et al. 2023, `modeling/transformer.py`):
   width; self-attention at full width. q/k/v/out projections all have biases.
 - LayerNorm eps is a field: original SAM uses torch's default 1e-5, Hugging
   Face's `SamTwoWayTransformer` uses 1e-6.
+- An optional key mask (not in SAM, whose image positions are all real) keeps
+  tokens from reading padded "image" positions: the mask adapter
+  (models/heads/mask.py) runs this transformer over text hidden states, whose
+  padding would otherwise change its output. Only token->image attention is
+  masked; padded positions still update as queries (image->token) but nothing
+  reads them.
 
 Parameter names follow the original SAM checkpoint (`layers_{i}.self_attn.q_proj`,
 `norm1`..`norm4`, `mlp.lin1/lin2`, `final_attn_token_to_image`,
@@ -49,8 +55,9 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, q_BxTxC: Array, k_BxSxC: Array, v_BxSxC: Array) -> Array:
-    """q: [B, T, C], k and v: [B, S, C] -> [B, T, C]."""
+  def __call__(self, q_BxTxC: Array, k_BxSxC: Array, v_BxSxC: Array,
+               key_mask_BxS: Array | None = None) -> Array:
+    """q: [B, T, C], k and v: [B, S, C] (key_mask bool[B, S], True = attend) -> [B, T, C]."""
     internal_dim = self.embedding_dim // self.downsample_rate
     if internal_dim % self.num_heads:
       raise ValueError(f"internal dim {internal_dim} not divisible by {self.num_heads} heads")
@@ -63,7 +70,8 @@ class Attention(nn.Module):
     q_BTHD = project(q_BxTxC, "q_proj")
     k_BSHD = project(k_BxSxC, "k_proj")
     v_BSHD = project(v_BxSxC, "v_proj")
-    out_BTHD = layers.attend(q_BTHD, k_BSHD, v_BSHD)
+    mask = None if key_mask_BxS is None else key_mask_BxS[:, None, None, :]
+    out_BTHD = layers.attend(q_BTHD, k_BSHD, v_BSHD, mask_BHTS=mask)
     out_BxTxI = out_BTHD.reshape(*out_BTHD.shape[:-2], internal_dim)
     return layers.dense(
         self.embedding_dim, ("joined_kv", "embed"), dtype=self.dtype, name="out_proj"
@@ -97,7 +105,8 @@ class TwoWayAttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(
-      self, queries: Array, keys: Array, query_pe: Array, key_pe: Array
+      self, queries: Array, keys: Array, query_pe: Array, key_pe: Array,
+      key_mask: Array | None = None,
   ) -> tuple[Array, Array]:
     def attention(rate: int, name: str) -> Attention:
       return Attention(self.embedding_dim, self.num_heads, rate, dtype=self.dtype, name=name)
@@ -116,7 +125,7 @@ class TwoWayAttentionBlock(nn.Module):
     q = queries + query_pe
     k = keys + key_pe
     queries = queries + attention(self.attention_downsample_rate, "cross_attn_token_to_image")(
-        q, k, keys)
+        q, k, keys, key_mask)
     queries = norm("norm2")(queries)
 
     mlp = MLPBlock(self.embedding_dim, self.mlp_dim, dtype=self.dtype, name="mlp")
@@ -153,9 +162,13 @@ class TwoWayTransformer(nn.Module):
 
   @nn.compact
   def __call__(
-      self, image_embedding_BxSxC: Array, image_pe_BxSxC: Array, point_embedding_BxTxC: Array
+      self, image_embedding_BxSxC: Array, image_pe_BxSxC: Array, point_embedding_BxTxC: Array,
+      key_mask_BxS: Array | None = None,
   ) -> tuple[Array, Array]:
     """Runs the blocks; returns (queries float[B, T, C], keys float[B, S, C]).
+
+    `key_mask_BxS` (bool, True = a real position; None: all real) hides padded
+    positions from the token->image attentions (module docstring).
 
     `point_embedding` is both the initial token state and the token PE added
     before every attention (as SAM does). Callers flatten an image map
@@ -176,12 +189,12 @@ class TwoWayTransformer(nn.Module):
           layer_norm_eps=self.layer_norm_eps,
           dtype=self.dtype,
           name=f"layers_{i}",
-      )(queries, keys, query_pe, key_pe)
+      )(queries, keys, query_pe, key_pe, key_mask_BxS)
 
     final_attn = Attention(
         self.embedding_dim, self.num_heads, self.attention_downsample_rate, dtype=self.dtype,
         name="final_attn_token_to_image")
-    queries = queries + final_attn(queries + query_pe, keys + key_pe, keys)
+    queries = queries + final_attn(queries + query_pe, keys + key_pe, keys, key_mask_BxS)
     queries = layers.layer_norm(
         epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm_final_attn")(queries)
     return queries, keys

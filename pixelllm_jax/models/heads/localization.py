@@ -51,3 +51,14 @@ class LocHead(nn.Module):
     raw = layers.dense(2 * cfg.points_per_token, out_axes, dtype=dtype, name="out")(x)
     raw = raw.astype(jnp.float32).reshape(*raw.shape[:-1], cfg.points_per_token, 2)
     return (raw + 1.0) / 2.0
+
+
+def points_at(points_BNTP2: jax.Array, index_BN: jax.Array) -> jax.Array:
+  """float[B, N, P, 2]: each slot's points at position `index` along T (clipped into range)."""
+  index = jnp.clip(index_BN, 0, points_BNTP2.shape[2] - 1)
+  return jnp.take_along_axis(points_BNTP2, index[:, :, None, None, None], axis=2)[:, :, 0]
+
+
+def points_to_boxes(points_xP2: jax.Array) -> jax.Array:
+  """float[..., P, 2] -> float[..., 4] xyxy (min / max over the P points)."""
+  return jnp.concatenate([points_xP2.min(axis=-2), points_xP2.max(axis=-2)], axis=-1)
