@@ -76,9 +76,19 @@ def segmentation_scores(pred_masks: Sequence[np.ndarray], gt_masks: Sequence[np.
     raise ValueError(f"{len(pred_masks)} predicted masks for {len(gt_masks)} ground-truth masks")
   if not len(pred_masks):
     raise ValueError("no expressions to score")
-  counts = np.array([mask_intersection_union(p, g) for p, g in zip(pred_masks, gt_masks)],
-                    np.float64)
-  inter, union = counts[:, 0], counts[:, 1]
+  counts = [mask_intersection_union(p, g) for p, g in zip(pred_masks, gt_masks)]
+  return scores_from_counts([i for i, _ in counts], [u for _, u in counts], threshold)
+
+
+def scores_from_counts(intersections: Sequence[int], unions: Sequence[int],
+                       threshold: float = 0.5) -> MaskScores:
+  """`segmentation_scores` from each expression's pixel counts (|P & G|, |P | G|)."""
+  inter = np.asarray(intersections, np.float64).reshape(-1)
+  union = np.asarray(unions, np.float64).reshape(-1)
+  if inter.shape != union.shape:
+    raise ValueError(f"{inter.shape=} != {union.shape=}")
+  if not len(union):
+    raise ValueError("no expressions to score")
   ious = np.where(union > 0, inter / np.maximum(union, 1.0), 0.0)
   total_union = union.sum()
   ciou = inter.sum() / total_union if total_union > 0 else 0.0
