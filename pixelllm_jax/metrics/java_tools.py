@@ -2,7 +2,8 @@
 
 - PTB tokenization: the toolkit's `PTBTokenizer`, i.e. `edu.stanford.nlp.process.PTBTokenizer` of the
   stanford-corenlp-3.4.1 jar with `-preserveLines -lowerCase`, then the toolkit's punctuation tokens
-  dropped. One short JVM per call (about 0.3 s).
+  dropped. One short JVM per call (about 0.3 s). The toolkit writes its input file beside the jar:
+  pycocoevalcap's folder must be writable (a virtualenv's is).
 - METEOR 1.5: the toolkit's `Meteor`, `meteor-1.5.jar - - -stdio -l en -norm` with a 2 GB heap,
   modules exact, stem, synonym (WordNet, inside the jar) and paraphrase (`meteor/data/paraphrase-en.gz`,
   shipped in the pip package). Loading the paraphrase table takes about 10 s, so one JVM is started on
