@@ -104,15 +104,20 @@ def _run_cli(command, args, devices, num_processes=1):
 
 
 def _eval_outputs(model_dir):
-  """metrics.json less its timings, and every file under eval/ (predictions, pictures)."""
+  """metrics.json less its timings, and every file the step wrote under eval/<step>/
+  (predictions and pictures per split), by path below it."""
   with open(os.path.join(model_dir, "metrics.json")) as f:
     metrics = json.load(f)
   timings = {k: metrics.pop(k) for k in ("eval_seconds", "train_seconds")}
   assert timings["eval_seconds"] > 0
+  step_dir = os.path.join(model_dir, "eval", str(metrics["checkpoint_step"]))
   files = {}
-  for name in sorted(os.listdir(os.path.join(model_dir, "eval"))):
-    with open(os.path.join(model_dir, "eval", name), "rb") as f:
-      files[name] = f.read()
+  for folder, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(folder, name)
+      if name != "metrics.json":  # holds eval_seconds; compared above
+        with open(path, "rb") as f:
+          files[os.path.relpath(path, step_dir)] = f.read()
   return metrics, files
 
 
@@ -142,7 +147,8 @@ def test_two_processes_evaluate_like_one_with_all_the_devices(tmp_path):
   assert metrics["caption_count"] == metrics["trace_images"] == counts["images"]
   assert metrics["refer_count"] == counts["expressions"]
   assert metrics["loca_count"] == counts["objects"]  # one region per object
-  assert {"refer_00.png", "refer_01.png", "trace_00.png", "trace_01.png"} <= set(files)
+  assert {"test/refer_00.png", "test/refer_01.png", "test/trace_00.png",
+          "test/trace_01.png"} <= set(files)
   two_metrics, two_files = _eval_outputs(two)
   assert two_metrics == metrics
   assert sorted(two_files) == sorted(files)
