@@ -105,3 +105,19 @@ def test_bare_params_partial_load(tmp_path):
   ckpt.save_params(str(tmp_path / "unknown"), {"nope": {"kernel": np.zeros(2, np.float32)}})
   with pytest.raises(ValueError, match="not in the model"):
     ckpt.load_params(str(tmp_path / "unknown"), state.params, shardings.params)
+
+
+def test_init_from_a_previous_runs_checkpoints(tmp_path):
+  """The paper's stages chain: `load_params` reads a training run's latest parameters (from
+  its model dir or its checkpoints/ folder), not its optimizer state, onto this run's mesh."""
+  state, _ = _trained_state(partitioner_of(4, 2), FROZEN)
+  saved = jax.device_get(state.params)
+  _save_steps(tmp_path / "run" / "checkpoints", state, steps=(1, 2))
+  fresh, shardings = _trained_state(partitioner_of(2, 4))  # all trained: other values
+  assert not np.array_equal(jax.device_get(fresh.params["t5"]["mlp_in"]["kernel"]),
+                            saved["t5"]["mlp_in"]["kernel"])
+  for source in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
+    loaded = ckpt.load_params(str(source), fresh.params, shardings.params)
+    _assert_trees_equal(loaded, saved)
+    kernel = loaded["t5"]["mlp_in"]["kernel"]
+    assert kernel.sharding == shardings.params["t5"]["mlp_in"]["kernel"]

@@ -149,15 +149,19 @@ def save_params(path: str, params: Any) -> None:
 def load_params(path: str, params: Any, param_shardings: Any) -> Any:
   """Overwrites the leaves of `params` that the checkpoint at `path` holds.
 
+  `path` is a bare params tree (`save_params`, what `convert` writes) or a training
+  run's checkpoints (its `checkpoints/` folder, or the model dir holding it): then the
+  latest step's parameters are read, not its optimizer state (chaining the paper's
+  stages: the next stage starts from the previous one's run).
+
   The checkpoint may cover a subset of the model (e.g. only 't5'); leaves it
   does not hold keep their values from `params`. Every leaf it holds must exist
   in `params` with the same shape, else ValueError (a silent skip would train
   from random weights without a word). Restored leaves land on their
   `param_shardings`; dtypes follow `params`.
   """
-  checkpointer = ocp.StandardCheckpointer()
   path = os.path.abspath(path)
-  stored = checkpointer.metadata(path).item_metadata.tree
+  stored, restore = _params_reader(path)
   stored_leaves = {
       path_of(kp): meta for kp, meta in jax.tree_util.tree_leaves_with_path(stored)
   }
@@ -174,10 +178,38 @@ def load_params(path: str, params: Any, param_shardings: Any) -> Any:
                        f"the model wants {tuple(ours[p][1].shape)}")
 
   abstract = jax.tree_util.tree_map_with_path(lambda kp, _: ours[path_of(kp)][1], stored)
-  loaded = checkpointer.restore(path, abstract)
-  loaded = _in_model_layout(loaded, model_layout)
+  loaded = _in_model_layout(restore(abstract), model_layout)
   by_path = {path_of(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(loaded)}
   return jax.tree_util.tree_map_with_path(
       lambda kp, x: by_path.get(path_of(kp), x), params
   )
 
+
+
+def _params_reader(path: str):
+  """(stored params metadata tree, restore(abstract) -> params) for a bare params
+  checkpoint or a training run's latest checkpoint at `path`."""
+  runs = [d for d in (os.path.join(path, "checkpoints"), path)
+          if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))]
+  if not runs:
+    checkpointer = ocp.StandardCheckpointer()
+    return (checkpointer.metadata(path).item_metadata.tree,
+            lambda abstract: checkpointer.restore(path, abstract))
+  manager = ocp.CheckpointManager(
+      runs[0], item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                              DATA: ocp.JsonCheckpointHandler()})
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no finished checkpoint under {runs[0]}")
+
+  def restore(abstract):
+    target = {"params": abstract}
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True)}))
+    finally:
+      manager.close()
+    return restored[STATE]["params"]
+  return manager.item_metadata(step)[STATE].tree["params"], restore
