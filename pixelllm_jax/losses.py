@@ -27,9 +27,19 @@ whatever the box size; GIoU weighs errors relative to the box.
 
 Metrics carry `batch.COUNT_PREFIX + name` token counts for every averaged
 metric, so logging windows over batches of different tasks average correctly.
+
+Micro-batches (gradient accumulation). Every average above is a sum over
+tokens divided by a token count, and the counts (`Normalizers`) depend on the
+batch's weights and task ids only, never on the parameters. Given the
+normalizers of a whole batch, `compute_losses` of one part of it returns that
+part's additive share: its token sums over the *whole* batch's counts (tasks
+present anywhere in the batch count as present). Summed over the parts, the
+loss, its gradient and every metric equal the whole batch's; averaging the
+parts' own means would not (parts with fewer tokens would weigh as much).
 """
 import dataclasses
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -88,38 +98,78 @@ def giou_loss(pred_P2: jax.Array, target_P2: jax.Array) -> jax.Array:
   return 1.0 - (iou - (hull - union) / (hull + eps))
 
 
-def _weighted_mean(values: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  count = jnp.sum(weights)
-  return jnp.sum(values * weights) / jnp.maximum(count, 1.0), count
+def _group_counts(weights_BxNxL: jax.Array, task_ids_BxN: jax.Array) -> jax.Array:
+  """float32[T + 1]: summed weights of each task's slots (tasks.TASKS order), then of all slots."""
+  counts = [jnp.sum(weights_BxNxL * (task_ids_BxN == i)[..., None])
+            for i in range(len(tasks.TASKS))]
+  return jnp.stack(counts + [jnp.sum(weights_BxNxL)])
 
 
-def _task_mean(values_BxNxL: jax.Array, weights_BxNxL: jax.Array, task_ids_BxN: jax.Array,
-               per_task: bool) -> tuple[jax.Array, jax.Array]:
-  """(mean, token count): plain weighted mean, or the mean over present tasks of each task's mean."""
+def _group_sums(values_BxNxL: jax.Array, weights_BxNxL: jax.Array,
+                task_ids_BxN: jax.Array) -> jax.Array:
+  """float32[T + 1]: weighted sums of `values` per task, then over all slots."""
+  sums = [jnp.sum(values_BxNxL * (weights_BxNxL * (task_ids_BxN == i)[..., None]))
+          for i in range(len(tasks.TASKS))]
+  return jnp.stack(sums + [jnp.sum(values_BxNxL * weights_BxNxL)])
+
+
+def _mean(sums_G: jax.Array, counts_G: jax.Array, per_task: bool) -> jax.Array:
+  """The loss average from `_group_sums` / `_group_counts` rows: the plain weighted mean
+  (last row), or the mean over present tasks of each task's mean. Linear in `sums`."""
   if not per_task:
-    return _weighted_mean(values_BxNxL, weights_BxNxL)
-  means, present = [], []
-  for i in range(len(tasks.TASKS)):
-    w = weights_BxNxL * (task_ids_BxN == i)[..., None]
-    mean, count = _weighted_mean(values_BxNxL, w)
-    means.append(mean)
-    present.append((count > 0).astype(jnp.float32))
-  present = jnp.stack(present)
-  total = jnp.sum(jnp.stack(means) * present) / jnp.maximum(jnp.sum(present), 1.0)
-  return total, jnp.sum(weights_BxNxL)
+    return sums_G[-1] / jnp.maximum(counts_G[-1], 1.0)
+  means = sums_G[:-1] / jnp.maximum(counts_G[:-1], 1.0)
+  present = (counts_G[:-1] > 0).astype(jnp.float32)
+  return jnp.sum(means * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
+@flax.struct.dataclass
+class Normalizers:
+  """The token counts the loss averages divide by, float32[T + 1] each (per task in
+  `tasks.TASKS` order, then all tasks): functions of the batch's weights and task ids only.
+
+  text: caption weights. point: point weights. giou: point weights of `box_giou_tasks` slots.
+  """
+  text: jax.Array
+  point: jax.Array
+  giou: jax.Array
+
+
+def _giou_weights(batch: Batch, config: LossConfig) -> jax.Array:
+  ids = jnp.asarray([tasks.TASK_ID[t] for t in config.box_giou_tasks])
+  in_tasks = jnp.isin(batch.task_ids, ids)
+  return batch.point_weights.astype(jnp.float32) * in_tasks[..., None]
+
+
+def normalizers(batch: Batch, config: LossConfig = LossConfig()) -> Normalizers:
+  """The counts of `batch` (no model output needed; cheap)."""
+  return Normalizers(
+      text=_group_counts(batch.decoder_loss_weights.astype(jnp.float32), batch.task_ids),
+      point=_group_counts(batch.point_weights.astype(jnp.float32), batch.task_ids),
+      giou=_group_counts(_giou_weights(batch, config), batch.task_ids))
 
 
 def compute_losses(
-    output: Output, batch: Batch, config: LossConfig = LossConfig()
+    output: Output, batch: Batch, config: LossConfig = LossConfig(),
+    whole: Normalizers | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Returns (total loss, metrics). Metrics are scalars safe to average."""
+  """Returns (total loss, metrics). Metrics are scalars safe to average.
+
+  whole: the `normalizers` of a larger batch that `batch` is a part of (module
+  docstring, "Micro-batches"); the loss and every metric (counts included) are then
+  this part's additive share of the whole batch's. None: `batch` is the whole batch.
+  """
+  own = normalizers(batch, config)
+  whole = own if whole is None else whole
+  per_task = config.per_task_mean
   text_w = batch.decoder_loss_weights.astype(jnp.float32)
   ce = smoothed_cross_entropy(output.logits, batch.decoder_target_tokens, config.label_smoothing)
-  text_loss, text_count = _task_mean(ce, text_w, batch.task_ids, config.per_task_mean)
+  text_loss = _mean(_group_sums(ce, text_w, batch.task_ids), whole.text, per_task)
 
   point_w = batch.point_weights.astype(jnp.float32)
   l1 = jnp.mean(jnp.abs(output.points - batch.point_targets), axis=(-1, -2))
-  point_loss, point_count = _task_mean(l1, point_w, batch.task_ids, config.per_task_mean)
+  l1_sums = _group_sums(l1, point_w, batch.task_ids)
+  point_loss = _mean(l1_sums, whole.point, per_task)
 
   total = config.text_loss_weight * text_loss + config.point_loss_weight * point_loss
   box_metrics = {}
@@ -127,28 +177,25 @@ def compute_losses(
     if output.points.shape[-2] != 2:
       raise ValueError("LossConfig.box_giou_weight needs 2 points per token (box corners), "
                        f"got {output.points.shape[-2]}")
-    in_tasks = jnp.isin(batch.task_ids,
-                        jnp.asarray([tasks.TASK_ID[t] for t in config.box_giou_tasks]))
-    giou, giou_count = _task_mean(giou_loss(output.points, batch.point_targets),
-                                  point_w * in_tasks[..., None], batch.task_ids,
-                                  config.per_task_mean)
+    giou_sums = _group_sums(giou_loss(output.points, batch.point_targets),
+                            _giou_weights(batch, config), batch.task_ids)
+    giou = _mean(giou_sums, whole.giou, per_task)
     total = total + config.box_giou_weight * giou
-    box_metrics = {"giou_loss": giou, COUNT_PREFIX + "giou_loss": giou_count}
+    box_metrics = {"giou_loss": giou, COUNT_PREFIX + "giou_loss": own.giou[-1]}
   correct = (jnp.argmax(output.logits, axis=-1) == batch.decoder_target_tokens)
   metrics = {
       "loss": total,
       "text_loss": text_loss,
       "point_loss": point_loss,
-      "token_accuracy": _weighted_mean(correct, text_w)[0],
-      COUNT_PREFIX + "text_loss": text_count,
-      COUNT_PREFIX + "token_accuracy": text_count,
-      COUNT_PREFIX + "point_loss": point_count,
+      "token_accuracy": jnp.sum(correct * text_w) / jnp.maximum(whole.text[-1], 1.0),
+      COUNT_PREFIX + "text_loss": own.text[-1],
+      COUNT_PREFIX + "token_accuracy": own.text[-1],
+      COUNT_PREFIX + "point_loss": own.point[-1],
       **box_metrics,
   }
   for i, name in enumerate(tasks.TASKS):
-    in_task = (batch.task_ids == i)[..., None]
     metrics[f"slots/{name}"] = jnp.sum(batch.task_ids == i).astype(jnp.float32)
     if name in POINT_TASKS:
-      metrics[f"point_l1/{name}"], metrics[f"{COUNT_PREFIX}point_l1/{name}"] = _weighted_mean(
-          l1, point_w * in_task)
+      metrics[f"point_l1/{name}"] = l1_sums[i] / jnp.maximum(whole.point[i], 1.0)
+      metrics[f"{COUNT_PREFIX}point_l1/{name}"] = own.point[i]
   return total, metrics

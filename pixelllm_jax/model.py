@@ -4,6 +4,8 @@ Training, evaluation and inference call only these methods; none of them knows
 the composer's call signature, the losses or how decoding works:
   init(rng, batch)               -> boxed params (every leaf carries logical axis names)
   loss(params, batch, rng)       -> (float32[] loss, {name: float32[]} metrics)
+  loss_normalizers(batch)        -> what the loss's averages divide by (no params)
+  loss_share(params, part, rng, normalizers) -> a micro-batch's additive share of the loss
   predict(params, batch, settings) -> Predictions (tokens, per-token points, boxes)
   score(params, batch)           -> float32[B, N] log-likelihood of each slot's target
   trainable(path)                -> whether a parameter trains (the freezing switch)
@@ -72,6 +74,20 @@ class BaseModel(abc.ABC):
   @abc.abstractmethod
   def loss(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
     """(scalar loss, metrics) of a training step; `rng` drives dropout."""
+
+  def loss_normalizers(self, batch: Batch) -> Any:
+    """The denominators of the loss's averages over `batch` (a pytree of arrays), from
+    the batch alone. With `loss_share` it makes gradient accumulation exact."""
+    raise NotImplementedError(f"{type(self).__name__} does not split its loss into "
+                              "micro-batch shares (loss_normalizers / loss_share)")
+
+  def loss_share(self, params: Any, batch: Batch, rng: jax.Array,
+                 normalizers: Any) -> tuple[jax.Array, dict]:
+    """(loss, metrics) of `batch` as an additive share of a larger batch whose
+    `loss_normalizers` are given: summed over the parts of that batch, the loss, its
+    gradient and every metric equal `loss` of the whole (dropout aside)."""
+    raise NotImplementedError(f"{type(self).__name__} does not split its loss into "
+                              "micro-batch shares (loss_normalizers / loss_share)")
 
   def predict(self, params: Any, batch: Batch, settings: DecodeSettings) -> Predictions:
     raise NotImplementedError(f"{type(self).__name__} does not predict")
@@ -164,6 +180,14 @@ class PixelLLMModel(BaseModel):
   def loss(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
     output = self.apply(params, batch, train=True, rng=rng)
     return losses.compute_losses(output, batch, self.loss_config)
+
+  def loss_normalizers(self, batch: Batch) -> losses.Normalizers:
+    return losses.normalizers(batch, self.loss_config)
+
+  def loss_share(self, params: Any, batch: Batch, rng: jax.Array,
+                 normalizers: losses.Normalizers) -> tuple[jax.Array, dict]:
+    output = self.apply(params, batch, train=True, rng=rng)
+    return losses.compute_losses(output, batch, self.loss_config, whole=normalizers)
 
   def predict(self, params: Any, batch: Batch, settings: DecodeSettings) -> Predictions:
     if settings.mode == "teacher_forced":

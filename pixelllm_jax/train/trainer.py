@@ -6,6 +6,18 @@
   replicated) and the state donated (nanodo / big_vision). The dropout key is
   `fold_in(rng, state.step)`, so a run is a function of (seed, data) and a
   resumed run draws the same keys as an uninterrupted one.
+- Gradient accumulation (`num_microbatches` k > 1): the global batch is split
+  along its batch axis into k micro-batches, micro-batch m holding rows m,
+  m + k, m + 2k, ... (each device's rows split in place: no data moves), and
+  `jax.lax.scan` sums their gradients, so activations are those of one
+  micro-batch. Each adds its share of the whole batch's loss
+  (`model.loss_share` over `model.loss_normalizers` of the global batch: token
+  sums over the whole batch's token counts), so loss, metrics and gradient
+  equal one step on the whole batch up to float rounding. Only trainable leaves
+  are differentiated and accumulated (float32). Micro-batch m's dropout key is
+  `fold_in(fold_in(rng, step), m)`; k = 1 keeps `fold_in(rng, step)`, so with
+  dropout on, runs with different k draw different masks. The global batch
+  must be a multiple of k times the batch shards.
 - A step whose loss or any gradient is not finite keeps the previous
   parameters and optimizer state (the step counter still advances: the batch
   is consumed) and reports `nonfinite` = 1; `train` stops the run after
@@ -23,7 +35,8 @@ Contracts:
     {name: float32[]})`. A metric `name` with a companion `batch.COUNT_PREFIX +
     name` (its token count) is averaged over a logging window weighted by that
     count (left out of a window where the count is 0); other metrics are
-    averaged per step. `model.trainable(path)` decides what trains.
+    averaged per step. `model.trainable(path)` decides what trains. Accumulation
+    (k > 1) also needs `model.loss_normalizers` and `model.loss_share`.
   optimizer: the transformation of the trainable leaves (`optim.make_optimizer`);
     the loop adds the freezing (`optim.with_frozen`).
   train_data: iterator of Batch (or dicts of Batch fields) of numpy arrays, the
@@ -39,6 +52,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pixelllm_jax.batch import COUNT_PREFIX, Batch
 from pixelllm_jax.model import BaseModel
@@ -47,6 +61,7 @@ from pixelllm_jax.train import checkpoint as ckpt
 from pixelllm_jax.train import guards, metrics_writer, optim
 from pixelllm_jax.train import run_record as run_record_lib
 from pixelllm_jax.train import state as state_lib
+from pixelllm_jax.tree_paths import path_of
 
 TrainStep = Callable[[state_lib.TrainState, Batch, jax.Array],
                      tuple[state_lib.TrainState, dict[str, jax.Array]]]
@@ -63,21 +78,115 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def check_microbatches(global_batch_size: int, num_microbatches: int,
+                       partitioner: Partitioner) -> None:
+  """Raises unless the global batch splits into `num_microbatches` micro-batches that
+  each split evenly over the partitioner's batch shards."""
+  if num_microbatches < 1:
+    raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+  need = num_microbatches * partitioner.batch_shards
+  if global_batch_size % need:
+    raise ValueError(
+        f"a global batch of {global_batch_size} does not split into {num_microbatches} "
+        f"micro-batches over the {partitioner.batch_shards} batch shards of mesh "
+        f"{dict(partitioner.mesh.shape)}: give a global batch that is a multiple of "
+        f"num_microbatches x batch shards = {need}, or change num_microbatches")
+
+
+def split_microbatches(batch: Batch, num_microbatches: int, partitioner: Partitioner) -> Batch:
+  """Leaves [B, ...] -> [k, B / k, ...]; micro-batch m holds rows m, m + k, m + 2k, ...
+
+  Strided, not contiguous: each device holds a contiguous block of B / shards rows
+  and gives every micro-batch B / (k * shards) of them, so the split moves no data
+  and every device works on every micro-batch (a contiguous split would put a
+  micro-batch on a k-th of the devices).
+  """
+  k = num_microbatches
+  sharding = NamedSharding(partitioner.mesh, P(None, partitioner.batch_axes))
+
+  def split(x):
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+  return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(model: BaseModel, params: Any, batch: Batch, rng: jax.Array,
+                         num_microbatches: int, partitioner: Partitioner,
+                         param_shardings: Any) -> tuple[jax.Array, dict, Any]:
+  """(loss, metrics, grads) of `batch` summed over micro-batch shares (module docstring).
+
+  Frozen leaves (`model.trainable`) get zero gradients without being differentiated,
+  so the accumulator holds the trainable gradients only. `rng` is the step's key.
+  """
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves = [x for _, x in path_leaves]
+  trains = [model.trainable(path_of(kp)) for kp, _ in path_leaves]
+  shardings = jax.tree.leaves(param_shardings)
+  assert len(shardings) == len(leaves), "param_shardings must mirror params"
+  trained = [x for x, t in zip(leaves, trains) if t]
+  trained_shardings = [s for s, t in zip(shardings, trains) if t]
+  normalizers = model.loss_normalizers(batch)  # of the whole batch: the shares' denominators
+
+  def share(trained, micro, rng):
+    it = iter(trained)
+    full = jax.tree.unflatten(treedef, [next(it) if t else x for x, t in zip(leaves, trains)])
+    return model.loss_share(full, micro, rng, normalizers)
+
+  grad_fn = jax.value_and_grad(share, has_aux=True)
+  micro = split_microbatches(batch, num_microbatches, partitioner)
+
+  def constrain(grads):
+    return [jax.lax.with_sharding_constraint(g, s) for g, s in zip(grads, trained_shardings)]
+
+  def body(carry, xs):
+    index, micro_batch = xs
+    (loss, metrics), grads = grad_fn(trained, micro_batch, jax.random.fold_in(rng, index))
+    (loss_sum, metric_sums), grad_sums = carry
+    return ((loss_sum + loss, jax.tree.map(jnp.add, metric_sums, metrics)),
+            constrain([a + g for a, g in zip(grad_sums, grads)])), None
+
+  shapes = jax.eval_shape(grad_fn, trained, jax.tree.map(lambda x: x[0], micro), rng)
+  zeros = jax.tree.map(
+      lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes)
+  ((loss, metrics), grad_sums), _ = jax.lax.scan(
+      body, (zeros[0], constrain(zeros[1])), (jnp.arange(num_microbatches), micro))
+  it = iter(grad_sums)
+  grads = jax.tree.unflatten(treedef, [next(it).astype(x.dtype) if t else jnp.zeros_like(x)
+                                       for x, t in zip(leaves, trains)])
+  return loss, metrics, grads
+
+
 def make_train_step(model: BaseModel, optimizer: optax.GradientTransformation, *,
                     partitioner: Partitioner,
-                    state_shardings: state_lib.TrainState) -> TrainStep:
+                    state_shardings: state_lib.TrainState,
+                    num_microbatches: int = 1) -> TrainStep:
   """The jitted, donated train step.
 
   The returned callable takes (state, batch, rng) where batch is a Batch of
   global arrays (`partitioner.shard_batch`) and rng the run's train key; it
   returns the new state and `{'loss': ..., **loss_metrics}` as replicated scalars.
-  `optimizer` is used as given (freezing included).
+  `optimizer` is used as given (freezing included). `num_microbatches` > 1
+  accumulates gradients over that many micro-batches (module docstring); the
+  model must implement `loss_normalizers` and `loss_share`.
   """
+  if num_microbatches < 1:
+    raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+  if num_microbatches > 1 and type(model).loss_share is BaseModel.loss_share:
+    raise ValueError(f"num_microbatches={num_microbatches} needs a model that splits its loss "
+                     f"into micro-batch shares; {type(model).__name__} does not implement "
+                     "loss_normalizers / loss_share")
 
   def step(state: state_lib.TrainState, batch: Batch, rng: jax.Array):
     dropout_rng = jax.random.fold_in(rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(
-        lambda params: model.loss(params, batch, dropout_rng), has_aux=True)(state.params)
+    if num_microbatches == 1:
+      (loss, metrics), grads = jax.value_and_grad(
+          lambda params: model.loss(params, batch, dropout_rng), has_aux=True)(state.params)
+    else:
+      check_microbatches(batch.image.shape[0], num_microbatches, partitioner)  # at trace time
+      loss, metrics, grads = accumulate_gradients(
+          model, state.params, batch, dropout_rng, num_microbatches, partitioner,
+          state_shardings.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     # Checked on the updates, not the gradients: frozen leaves get zero updates, so their
     # gradients stay dead code (checking them would make XLA compute the frozen towers'
@@ -191,6 +300,7 @@ def train(
     keep_checkpoints: int | None = 3,
     init_checkpoint: str | None = None,
     max_nonfinite_steps: int = 10,
+    num_microbatches: int = 1,
     run_record: Mapping[str, str] | None = None,
     allow_config_change: bool = False,
     after_first_step: Callable[[str], None] | None = None,
@@ -206,6 +316,10 @@ def train(
       the fresh init; ignored when `model_dir` already has a checkpoint.
     max_nonfinite_steps: consecutive steps with a non-finite loss or gradient
       (their updates skipped) after which the run stops with `TrainingDiverged`.
+    num_microbatches: accumulate each step's gradient over this many micro-batches
+      of the global batch (memory of one micro-batch; the same step as the whole
+      batch, dropout masks aside: module docstring). The global batch must be a
+      multiple of num_microbatches x the partitioner's batch shards.
     run_record: what determines the results (`train/run_record.py`; the command
       line gives it). A fresh run keeps it in model_dir; a resumed run whose
       record differs stops with `RunConfigChanged` unless `allow_config_change`.
@@ -223,17 +337,20 @@ def train(
                   checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                   init_checkpoint=init_checkpoint, after_first_step=after_first_step,
                   nonfinite=guards.NonFiniteGuard(max_nonfinite_steps), preemption=preemption,
+                  num_microbatches=num_microbatches,
                   run_record=run_record, allow_config_change=allow_config_change)
 
 
 def _train(*, model_dir, model, train_data, num_steps, optimizer, partitioner, seed, log_every,
            checkpoint_every, keep_checkpoints, init_checkpoint, after_first_step,
            nonfinite: guards.NonFiniteGuard, preemption: guards.PreemptionNotice,
-           run_record, allow_config_change) -> TrainResult:
+           num_microbatches: int, run_record, allow_config_change) -> TrainResult:
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
   first_batch = _peek(train_data)  # checked before anything is written to model_dir
   model.check_batch(first_batch)
-  partitioner.check_batch_size(first_batch.image.shape[0] * jax.process_count(), "training")
+  global_batch_size = first_batch.image.shape[0] * jax.process_count()
+  partitioner.check_batch_size(global_batch_size, "training")
+  check_microbatches(global_batch_size, num_microbatches, partitioner)
   manager = ckpt.make_manager(os.path.join(model_dir, "checkpoints"),
                               max_to_keep=keep_checkpoints)
   if run_record is not None and manager.latest_step() is not None:
@@ -257,7 +374,7 @@ def _train(*, model_dir, model, train_data, num_steps, optimizer, partitioner, s
       print(f"Loaded initial params from {init_checkpoint}", flush=True)
 
   train_step = make_train_step(model, optimizer, partitioner=partitioner,
-                               state_shardings=shardings)
+                               state_shardings=shardings, num_microbatches=num_microbatches)
   finite_params = partitioner.jit(all_finite, in_shardings=(shardings.params,),
                                   out_shardings=partitioner.replicated)
   saves = guards.SaveMonitor(manager)
