@@ -164,10 +164,11 @@ world() {
   local seconds=$(( $(left) - TRAIN_STARTUP_SECONDS - EVAL_SECONDS ))
   [ "$seconds" -gt "$WORLD_TRAIN_SECONDS" ] && seconds=$WORLD_TRAIN_SECONDS
   if [ "$seconds" -lt 30 ]; then say "too little time left for the world run"; return 1; fi
-  local steps
-  steps=$($PY -c "import sys; sys.path.insert(0, 'scripts'); import world_gpu
-print(world_gpu.steps_for($seconds, $rate))")
-  say "world: $rate steps/s measured -> TRAIN_STEPS=$steps for ${seconds}s of training"
+  local steps warmup
+  read -r steps warmup < <($PY scripts/world_gpu.py schedule --seconds="$seconds" \
+    --steps_per_second="$rate")
+  say "world: $rate steps/s measured -> TRAIN_STEPS=$steps (warm-up $warmup) for ${seconds}s"
+  extra+=("--gin.make_optimizer.warmup_steps=$warmup")
   local model_dir=/tmp/pixelllm_world_run
   rm -rf "$model_dir"
   # SIGTERM past the plan's time: the trainer saves a checkpoint and exits, and that is evaluated.
@@ -175,8 +176,12 @@ print(world_gpu.steps_for($seconds, $rate))")
     $PY -m pixelllm_jax.train --gin_file=runs/demo.gin "${flags[@]}" "${extra[@]}" \
     --gin.MODEL_DIR="'$model_dir'" --gin.WORLD_DIR="'$WORLD_DIR'" --gin.TRAIN_STEPS="$steps"
   local rc=$?
-  [ $rc -eq 124 ] && say "training stopped by its time limit (SIGTERM: last checkpoint evaluated)"
   cp "$model_dir/train/metrics.jsonl" "$OUT/world_train.jsonl" 2>/dev/null
+  if [ $rc -eq 124 ]; then
+    say "training stopped by its time limit (SIGTERM: its last checkpoint is evaluated)"
+  elif [ $rc -ne 0 ]; then
+    say "world training failed (exit $rc)"; return 1
+  fi
   say "world evaluation"
   timeout -k 10 $(( $(left) > 30 ? $(left) : 30 )) \
     $PY -m pixelllm_jax.eval --gin_file=runs/demo.gin "${flags[@]}" "${extra[@]}" \

@@ -1,6 +1,7 @@
 """The world demo at GPU size: its config (gin bindings over runs/demo.gin) and its step count.
 
   python scripts/world_gpu.py flags        # the --gin.NAME=VALUE flags of the config, one a line
+  python scripts/world_gpu.py schedule --seconds=S --steps_per_second=R   # "TRAIN_STEPS WARMUP"
   python scripts/world_gpu.py plan --world_dir=DIR --seconds=300 [--measure_seconds=20] [--out=F]
       # -> one JSON line: end-to-end steps / s of this config here and the TRAIN_STEPS that fill
       #    `seconds` of training
@@ -78,7 +79,14 @@ def steps_for(seconds: float, steps_per_second: float, safety: float = SAFETY) -
   """Training steps that fit `seconds` at `steps_per_second`, keeping 1 - safety in hand."""
   if seconds <= 0 or steps_per_second <= 0:
     raise ValueError(f"need positive seconds and rate, got {seconds}, {steps_per_second}")
-  return max(1, int(seconds * steps_per_second * safety))
+  return max(2, int(seconds * steps_per_second * safety))
+
+
+def warmup_for(steps: int) -> int:
+  """The config's warm-up, shortened to a tenth of a run too short for it (the schedule
+  needs more steps than warm-up)."""
+  configured = int(dict(BINDINGS)["make_optimizer.warmup_steps"])
+  return min(configured, max(1, steps // 10))
 
 
 def _distinct_shapes(mixture, task_shapes) -> set:
@@ -152,11 +160,12 @@ def measure(world_dir: str, measure_seconds: float, extra: list[str], max_warmup
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("command", choices=("flags", "plan"))
+  parser.add_argument("command", choices=("flags", "plan", "schedule"))
   parser.add_argument("--world_dir", default="data/world")
   parser.add_argument("--seconds", type=float, default=300.0, help="training time to fill")
   parser.add_argument("--measure_seconds", type=float, default=20.0)
   parser.add_argument("--max_warmup_seconds", type=float, default=180.0)
+  parser.add_argument("--steps_per_second", type=float, default=None, help="for `schedule`")
   parser.add_argument("--out", default=None, help="also write the plan's JSON here")
   parser.add_argument("--gin", action="append", default=[],
                       help="extra NAME=VALUE bindings after the config's (repeatable)")
@@ -164,9 +173,14 @@ def main(argv=None) -> int:
   if args.command == "flags":
     print("\n".join(gin_flags()))
     return 0
+  if args.command == "schedule":  # "TRAIN_STEPS WARMUP_STEPS" for `seconds` at the given rate
+    steps = steps_for(args.seconds, args.steps_per_second)
+    print(steps, warmup_for(steps))
+    return 0
   result = measure(args.world_dir, args.measure_seconds, args.gin, args.max_warmup_seconds)
   result["seconds"] = args.seconds
   result["train_steps"] = steps_for(args.seconds, result["steps_per_second"])
+  result["warmup_steps"] = warmup_for(result["train_steps"])
   print(json.dumps(result), flush=True)
   if args.out:
     with open(args.out, "w") as f:

@@ -175,11 +175,14 @@ def test_world_gpu_flags_build_the_named_model():
   assert 20e6 < count < 24e6, count  # "about 22 M parameters" (scripts/world_gpu.py)
 
 
-def test_world_steps_for_budget():
+def test_world_schedule_for_budget():
   assert world_gpu.steps_for(300, 40.0) == 10800
-  assert world_gpu.steps_for(10, 0.01) == 1
+  assert world_gpu.steps_for(10, 0.01) == 2
   with pytest.raises(ValueError):
     world_gpu.steps_for(300, 0.0)
+  assert world_gpu.warmup_for(10800) == int(dict(world_gpu.BINDINGS)["make_optimizer.warmup_steps"])
+  assert world_gpu.warmup_for(45) == 4  # a short run keeps a tenth as warm-up
+  assert world_gpu.warmup_for(2) == 1
 
 
 def test_gpu_checks_script_parses():
