@@ -18,7 +18,7 @@ from pixelllm_jax import losses, partitioning
 from pixelllm_jax.data import sources
 from pixelllm_jax.eval import evaluator
 from pixelllm_jax.lora import LoraConfig
-from pixelllm_jax.model import PixelLLMModel
+from pixelllm_jax.model import DecodeSettings, PixelLLMModel
 from pixelllm_jax.models import t5
 from pixelllm_jax.models.eva02 import EVA02Config
 from pixelllm_jax.models.heads.localization import LocHeadConfig
@@ -72,6 +72,7 @@ for _target, _name in (
     (optim.make_optimizer, "make_optimizer"),
     (trainer.train, "train"),
     (evaluator.evaluate, "evaluate"),
+    (DecodeSettings, "DecodeSettings"),
 ):
   REGISTERED[_name] = (_target, _register(_target, _name))
 

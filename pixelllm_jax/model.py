@@ -24,11 +24,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from pixelllm_jax import decoding, losses, partitioning
+from pixelllm_jax import beam_search, decoding, losses, partitioning
 from pixelllm_jax.batch import EOS_ID, Batch, Output
 from pixelllm_jax.models.pixel_llm import PixelLLM, PixelLLMConfig
 
-DECODE_MODES = ("greedy", "teacher_forced")
+DECODE_MODES = ("greedy", "beam", "teacher_forced")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +36,28 @@ class DecodeSettings:
   """How `predict` reads a batch.
 
   mode: 'greedy' generates up to `max_len` tokens per slot with the KV cache;
+    'beam' runs beam search (beam_search.py) with the cache;
     'teacher_forced' reads the batch's own targets (referring boxes, trace points).
-  max_len: tokens generated at most (greedy).
+  max_len: tokens generated at most (greedy, beam).
+  beam_size, alpha: beams kept per slot and the brevity penalty exponent (official: captions
+    and traces beam 4, alpha 0.6; referring beam 3).
+  suppress_repeat: clamp the logit of the token just emitted (official GRiT trick; greedy
+    decoding with it goes through beam search with one beam).
   """
   mode: str = "greedy"
   max_len: int = 32
+  beam_size: int = 1
+  alpha: float = 0.0
+  suppress_repeat: bool = False
 
   def __post_init__(self):
     if self.mode not in DECODE_MODES:
       raise ValueError(f"DecodeSettings.mode must be one of {DECODE_MODES}, got {self.mode!r}")
     if self.max_len < 1:
       raise ValueError(f"DecodeSettings.max_len must be >= 1, got {self.max_len}")
+    if self.beam_size < 1 or (self.mode != "beam" and self.beam_size != 1):
+      raise ValueError(f"DecodeSettings.beam_size {self.beam_size}: >= 1, and 1 unless "
+                       "mode='beam'")
 
 
 @flax.struct.dataclass
@@ -202,7 +213,13 @@ class PixelLLMModel(BaseModel):
     encoded = self.module.apply(variables, batch.image, batch.image_valid_hw, batch.prompt_boxes,
                                 batch.prompt_index, batch.context_tokens,
                                 method=PixelLLM.encode)
-    decoded = decoding.greedy_decode_pixel_llm(self.module, variables, encoded, settings.max_len)
+    if settings.mode == "beam" or settings.suppress_repeat:
+      decoded = beam_search.beam_search_pixel_llm(
+          self.module, variables, encoded, settings.max_len, beam_size=settings.beam_size,
+          alpha=settings.alpha, suppress_repeat=settings.suppress_repeat)
+    else:
+      decoded = decoding.greedy_decode_pixel_llm(self.module, variables, encoded,
+                                                 settings.max_len)
     # The last word sits just before EOS (the point read after it, as in training).
     boxes = points_to_boxes(_points_at(decoded.points, _end_index(decoded.tokens) - 1))
     return Predictions(tokens=decoded.tokens, points=decoded.points, boxes=boxes)

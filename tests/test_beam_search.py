@@ -10,7 +10,7 @@ import pytest
 import model_fixtures as mf
 from pixelllm_jax import beam_search as bs
 from pixelllm_jax import decoding
-from pixelllm_jax.model import PixelLLMModel
+from pixelllm_jax.model import DecodeSettings, PixelLLMModel
 from pixelllm_jax.models.pixel_llm import PixelLLM
 
 PAD, EOS, A, B = 0, 1, 2, 3  # the start token is 0 too: table row 0 is "after start"
@@ -167,3 +167,19 @@ def test_cached_beam_search_equals_recomputing_the_prefix(toy):
     last = ends[i, j] if np.any(np.asarray(cached.tokens[i, j]) == 1) else max_len
     np.testing.assert_allclose(cached.points[i, j, :last], forced.points[i, j, 1:last + 1],
                                atol=1e-5)
+
+
+def test_predict_in_beam_mode(toy):
+  """DecodeSettings('beam') through the model API: one beam is the greedy prediction; three
+  beams give well-formed predictions."""
+  model, params, _ = toy
+  batch = mf.random_batch(0, b=2, n=2)
+  predict = jax.jit(model.predict, static_argnums=2)
+  greedy = predict(params, batch, DecodeSettings("greedy", max_len=5))
+  one = predict(params, batch, DecodeSettings("beam", max_len=5, beam_size=1))
+  np.testing.assert_array_equal(one.tokens, greedy.tokens)
+  np.testing.assert_allclose(one.boxes, greedy.boxes, atol=1e-5)
+  three = predict(params, batch, DecodeSettings("beam", max_len=5, beam_size=3))
+  assert three.tokens.shape == greedy.tokens.shape and three.boxes.shape == greedy.boxes.shape
+  with pytest.raises(ValueError, match="beam_size"):
+    DecodeSettings("greedy", beam_size=3)

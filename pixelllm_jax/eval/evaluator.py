@@ -63,17 +63,18 @@ class Predictor:
   the predictions of all its rows come back to every process.
   """
 
-  def __init__(self, model: BaseModel, partitioner: Partitioner, max_decode_len: int):
+  def __init__(self, model: BaseModel, partitioner: Partitioner, generation: DecodeSettings):
     self.params: Any = None
     self.partitioner = partitioner
     # Replicated outputs: XLA gathers every row onto every device, so each process
     # can read the whole batch's predictions (a batch-split output would leave
     # other processes' rows out of reach).
     self._fns = {
-        mode: partitioner.jit(
-            lambda p, b, settings=DecodeSettings(mode=mode, max_len=max_decode_len):
-            model.predict(p, b, settings), out_shardings=partitioner.replicated)
-        for mode in ("teacher_forced", "greedy")}
+        name: partitioner.jit(
+            lambda p, b, settings=settings: model.predict(p, b, settings),
+            out_shardings=partitioner.replicated)
+        for name, settings in (("teacher_forced", DecodeSettings("teacher_forced")),
+                               ("generate", generation))}
 
   def global_batch(self, batch: dict) -> Batch:
     """The numpy global batch (identical on every process) as global arrays split
@@ -92,7 +93,7 @@ class Predictor:
     return self._run("teacher_forced", batch)
 
   def generate(self, batch: dict):
-    return self._run("greedy", batch)
+    return self._run("generate", batch)
 
 
 def load_scenes(path: str | None) -> dict[int, dict]:
@@ -174,7 +175,7 @@ class Evaluator:
                partitioner: Partitioner | None = None, tasks: Sequence[str] | None = None,
                batch_size: int = 32, num_slots: int = 4, num_prompts: int = 4,
                scenes_path: str | None = None, num_visualizations: int = 8,
-               canvas_size: int | None = None):
+               canvas_size: int | None = None, generation: DecodeSettings | None = None):
     self.partitioner = Partitioner() if partitioner is None else partitioner
     self.splits = plan_splits(splits, tasks)
     self.partitioner.check_batch_size(batch_size, "evaluate.batch_size")
@@ -192,7 +193,12 @@ class Evaluator:
     model.check_batch(init_batch)
     self.abstract_params, _ = self.partitioner.abstract_params(
         state_lib.param_init_fn(model, init_batch))
-    self.predictor = Predictor(model, self.partitioner, task_config.max_target_len)
+    if generation is None:
+      generation = DecodeSettings("greedy", max_len=task_config.max_target_len)
+    if generation.mode == "teacher_forced":
+      raise ValueError("evaluate.generation: a generating mode ('greedy', 'beam'), not "
+                       "'teacher_forced'")
+    self.predictor = Predictor(model, self.partitioner, generation)
 
   def _batches(self, task: str, source: Any):
     return pipeline.eval_batches(task, source, self.tokenizer, self.task_config,
@@ -239,7 +245,8 @@ def evaluate(*, model_dir: str, model: BaseModel, data: DataConfig,
              scenes_path: str | None = None, num_visualizations: int = 8,
              canvas_size: int | None = None, run_record: Mapping[str, str] | None = None,
              allow_config_change: bool = False,
-             selection: job_lib.Selection | None = None) -> job_lib.JobResult:
+             selection: job_lib.Selection | None = None,
+             generation: DecodeSettings | None = None) -> job_lib.JobResult:
   """Evaluates `model_dir`'s checkpoints as `selection` says (default: the latest).
 
   `splits`: task -> its split names (one string or a tuple), e.g.
@@ -256,6 +263,9 @@ def evaluate(*, model_dir: str, model: BaseModel, data: DataConfig,
   unless `allow_config_change`.
   `batch_size`: global; with several processes each reads every batch (module
   docstring). Every process returns the metrics; process 0 alone writes.
+  `generation`: how tasks that generate text decode (`DecodeSettings`: greedy or beam,
+  max_len, beam_size, alpha, suppress_repeat); default greedy up to
+  `TaskConfig.max_target_len` tokens.
   `selection`: which checkpoints, and how long to wait for new ones (job.py; the
   command line's --mode, --step, --final_step, --timeout, --poll_seconds,
   --reevaluate).
@@ -269,7 +279,7 @@ def evaluate(*, model_dir: str, model: BaseModel, data: DataConfig,
         model=model, data=data, task_config=task_config, splits=splits,
         partitioner=partitioner, tasks=tasks, batch_size=batch_size, num_slots=num_slots,
         num_prompts=num_prompts, scenes_path=scenes_path,
-        num_visualizations=num_visualizations, canvas_size=canvas_size)
+        num_visualizations=num_visualizations, canvas_size=canvas_size, generation=generation)
   except Exception:
     job_lib.failed(model_dir)
     raise
