@@ -168,8 +168,18 @@ class Sizes:
   decode_repeats: int
 
 
-GPU = Sizes(8192, 20, 5, model_flops.BatchShape(16, 1, 16, 40, 40), 2, 5, 64, 32, 72, 3)
-SMOKE = Sizes(128, 2, 2, model_flops.BatchShape(2, 2, 3, 6, 4), 1, 2, 8, 6, 12, 1)
+# The train batch is runs/refcoco_t5_xl.gin's per image (1 prompt, 16 slots of 40 target and
+# 40 context tokens); decoding reads 32 visual + 40 context encoder tokens per sequence.
+GPU = Sizes(matmul_n=8192, matmul_iters=20, matmul_trials=5,
+            train_shape=model_flops.BatchShape(batch=16, num_prompts=1, num_slots=16, length=40,
+                                               context_length=40),
+            warmup_steps=2, timed_steps=5,
+            decode_seqs=64, decode_len=32, encoder_len=72, decode_repeats=3)
+SMOKE = Sizes(matmul_n=128, matmul_iters=2, matmul_trials=2,
+              train_shape=model_flops.BatchShape(batch=2, num_prompts=2, num_slots=3, length=6,
+                                                 context_length=4),
+              warmup_steps=1, timed_steps=2,
+              decode_seqs=8, decode_len=6, encoder_len=12, decode_repeats=1)
 
 
 def random_batch(shape: model_flops.BatchShape, image_size: int, vocab: int, points: int,

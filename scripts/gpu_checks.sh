@@ -51,7 +51,7 @@ say() { echo "[gpu_checks +$(( $(date +%s) - START ))s] $*"; }
 
 download_wheels() {
   # cp312 manylinux wheels for the GPU image; pycocoevalcap without its Java jars and METEOR
-  # data (100 MB; the evaluator computes CIDEr and exact match in Python).
+  # data (100 MB; the world evaluation runs with PIXELLLM_CAPTION_METRICS=offline).
   local pip="${PIP:-.venv/bin/python -m pip}" platforms="" n
   for n in 2_17 2_24 2_27 2_28 2_31 2_34 2_35; do platforms+=" --platform manylinux_${n}_x86_64"; done
   rm -rf "$WHEELS" && mkdir -p "$WHEELS/tmp"
@@ -182,7 +182,12 @@ world() {
   elif [ $rc -ne 0 ]; then
     say "world training failed (exit $rc)"; return 1
   fi
-  say "world evaluation"
+  # Caption metrics with the offline tokenization and no METEOR: the toolkit's PTB tokenizer and
+  # METEOR run jars that the carried pycocoevalcap leaves out (and need Java). The targets'
+  # metrics (refer P@0.5, pointing, region-phrase exact match on the world's plain lower-case
+  # words) come out the same either way; CIDEr is not the toolkit's number.
+  export PIXELLLM_CAPTION_METRICS=${PIXELLLM_CAPTION_METRICS:-offline}
+  say "world evaluation (caption metrics: $PIXELLLM_CAPTION_METRICS)"
   timeout -k 10 $(( $(left) > 30 ? $(left) : 30 )) \
     $PY -m pixelllm_jax.eval --gin_file=runs/demo.gin "${flags[@]}" "${extra[@]}" \
     --gin.MODEL_DIR="'$model_dir'" --gin.WORLD_DIR="'$WORLD_DIR'" --gin.TRAIN_STEPS="$steps" \
