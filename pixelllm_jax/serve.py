@@ -166,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"pixelllm-serve: cannot load the model: {e}", file=sys.stderr)
     return 2
-  server = Server((args.host, args.port), inferencer_lib.Inferencer(loaded, args.max_decode_len))
+  inferencer = inferencer_lib.Inferencer(loaded, args.max_decode_len, args.beam_size, args.alpha)
+  server = Server((args.host, args.port), inferencer)
   host, port = server.server_address[:2]
   print(f"pixelllm-serve: {args.checkpoint} (step {loaded.step}) on http://{host}:{port}/",
         flush=True)

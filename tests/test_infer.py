@@ -8,6 +8,7 @@
   and reason, the good ones are written (JSON + PNG), the batch goes on past the bad ones;
   the command line exits 1 and lists the failures again.
 """
+import base64
 import io
 import json
 import os
@@ -252,3 +253,69 @@ def test_pixels_of_any_format():
   assert pixels.shape == (3, 4, 3) and pixels.dtype == np.uint8 and pixels.max() == 255
   cmyk = Image.new("CMYK", (5, 2), (0, 255, 255, 0))  # red
   np.testing.assert_array_equal(inferencer_lib.pixels_of(cmyk)[0, 0], [255, 0, 0])
+
+
+def _mask_model(run):
+  """The toy model with a mask head (tests/model_fixtures.py) behind the run's tokenizer."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import model_fixtures as mf  # pylint: disable=import-outside-toplevel
+  from pixelllm_jax.model import PixelLLMModel, Predictions  # pylint: disable=import-outside-toplevel
+  from pixelllm_jax.partitioning import Partitioner  # pylint: disable=import-outside-toplevel
+  from pixelllm_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  if "refseg" not in tasks.TASKS or "mask_logits" not in Predictions.__dataclass_fields__:
+    pytest.skip("no refseg task or no masks in Predictions in this tree")
+  loaded = run["loaded"]
+  config = mf.toy_config()
+  config = dataclasses.replace(config, t5=dataclasses.replace(config.t5, vocab_size=256),
+                               mask_head=mf.toy_mask_head())
+  model = PixelLLMModel(config)
+  init = state_lib.param_init_fn(model, loading.init_batch(model, loaded.task_config))
+  params = nn.meta.unbox(jax.jit(init)(jax.random.key(3)))
+  return inferencer_lib.Inferencer(loading.Loaded(
+      model=model, params=params, tokenizer=loaded.tokenizer, task_config=loaded.task_config,
+      partitioner=Partitioner(mesh_shape=(1, 1, 1), devices=jax.devices()[:1]), step=None,
+      source="toy", config=()))
+
+
+def test_refseg_mask_in_original_pixels_as_evaluation_makes_it(run):
+  from pixelllm_jax import serve  # pylint: disable=import-outside-toplevel
+  from pixelllm_jax.metrics import segmentation  # pylint: disable=import-outside-toplevel
+  inferencer = _mask_model(run)
+  image, expression = run["wide"], "the green circle"
+  height, width = image.shape[:2]
+  answer = inferencer.answer(requests_lib.make_request(
+      str(run["photos"] / "wide.jpg"), "refseg", expression=expression, name="wide"))
+  mask = segmentation.decode_rle(answer.json["mask"])
+  assert mask.shape == (height, width)
+  record = {"image": image, "image_id": 1,
+            "objects": {"box": np.zeros((1, 4), np.float32), "id": np.asarray([1]),
+                        "mask": np.zeros((1, height, width, 1), np.uint8)},
+            "expressions": {"text": [expression.encode()], "object_index": np.asarray([0]),
+                            "ref_id": np.asarray([1]), "sent_id": np.asarray([1])}}
+  loaded = inferencer.loaded
+  (batch, _), = pipeline.eval_batches("refseg", [record], loaded.tokenizer, loaded.task_config,
+                                      batch_size=1, num_slots=1, num_prompts=1,
+                                      canvas_size=inferencer.canvas_size)
+  pred = inferencer.predict(Batch(**batch), "teacher_forced")
+  expected = segmentation.logits_to_mask(pred.mask_logits[0, 0], batch["image"].shape[1:3],
+                                         batch["image_valid_hw"][0], (height, width))
+  assert 0 < expected.sum() < expected.size  # a mask with both sides, so the check means something
+  np.testing.assert_array_equal(mask, expected)
+  assert answer.json["scores"]["mask_iou"] == pytest.approx(float(pred.mask_iou[0, 0]), abs=0)
+  # The PNG tints the mask; the page gets it as an RGBA overlay, opaque exactly on the mask.
+  plain = render.render(inferencer_lib.Answer(answer.json, answer.image, None))
+  tinted = render.render(answer)
+  scale = int(render.display_scale(width, height))
+  on = np.argwhere(mask)[0] * scale + scale // 2  # a mask pixel's centre in the PNG
+  assert (tinted[tuple(on)] != plain[tuple(on)]).any()
+  with open(run["photos"] / "wide.jpg", "rb") as f:
+    body = {"image": base64.b64encode(f.read()).decode(), "name": "wide.jpg",
+            "task": "refseg", "expression": expression}
+  response = serve.answer(inferencer, body)
+  overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(
+      response["mask_png"].split(",", 1)[1]))))
+  assert overlay.shape == (height, width, 4)
+  np.testing.assert_array_equal(overlay[..., 3] > 0, mask)
+  assert response["answer"]["mask"] == answer.json["mask"]

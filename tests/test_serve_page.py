@@ -22,6 +22,15 @@ from PIL import Image
 
 import infer_fixtures
 
+try:
+  from selenium import webdriver
+  from selenium.webdriver.chrome.service import Service
+  from selenium.webdriver.common.action_chains import ActionChains
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import Select, WebDriverWait
+except ImportError:  # named by _need_browser
+  webdriver = None
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SKIP_ENV = "PIXELLLM_SKIP_BROWSER_TESTS"
@@ -30,9 +39,7 @@ WAIT_SECONDS = 180  # the first answer compiles the model
 
 def _need_browser():
   missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
-  try:
-    import selenium  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
+  if webdriver is None:
     missing.append("selenium (pip install -e '.[test]')")
   if not missing:
     return
@@ -71,8 +78,6 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(served):
-  from selenium import webdriver  # pylint: disable=import-outside-toplevel
-  from selenium.webdriver.chrome.service import Service  # pylint: disable=import-outside-toplevel
   options = webdriver.ChromeOptions()
   options.binary_location = CHROMIUM
   for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -87,8 +92,6 @@ def browser(served):
 
 def _run_and_wait(driver):
   """Clicks Run; returns the JSON the page shows (fails with the page's error, if any)."""
-  from selenium.webdriver.common.by import By  # pylint: disable=import-outside-toplevel
-  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=import-outside-toplevel
   driver.execute_script("document.getElementById('json').textContent = '';")
   driver.find_element(By.ID, "run").click()
   WebDriverWait(driver, WAIT_SECONDS).until(
@@ -99,7 +102,6 @@ def _run_and_wait(driver):
 
 def _shown_words(driver, answer):
   """The words list and the markers agree with the JSON's words, one marker per word."""
-  from selenium.webdriver.common.by import By  # pylint: disable=import-outside-toplevel
   items = driver.find_elements(By.CSS_SELECTOR, "#words li")
   markers = driver.find_elements(By.CSS_SELECTOR, "circle.marker")
   labels = driver.find_elements(By.CSS_SELECTOR, "text.label")
@@ -115,9 +117,6 @@ def _shown_words(driver, answer):
 
 
 def test_page_answers_a_drawn_box_a_point_and_an_expression(served, browser):
-  from selenium.webdriver.common.action_chains import ActionChains  # pylint: disable=import-outside-toplevel
-  from selenium.webdriver.common.by import By  # pylint: disable=import-outside-toplevel
-  from selenium.webdriver.support.ui import Select, WebDriverWait  # pylint: disable=import-outside-toplevel
   driver = browser
   driver.get(served["url"])
   wait = WebDriverWait(driver, 30)

@@ -27,8 +27,9 @@ import sys
 import time
 from typing import Sequence
 
-from pixelllm_jax import cli
-from pixelllm_jax.infer import loading
+from pixelllm_jax import cli, visualize
+from pixelllm_jax.infer import inferencer as inferencer_lib
+from pixelllm_jax.infer import loading, render
 from pixelllm_jax.infer import requests as requests_lib
 from pixelllm_jax.infer.requests import Failed, RequestError
 
@@ -72,8 +73,6 @@ def dumps(value) -> str:
 
 
 def _write(out_dir: str, index: int, answer) -> dict[str, str]:
-  from pixelllm_jax import visualize  # pylint: disable=import-outside-toplevel
-  from pixelllm_jax.infer import render  # pylint: disable=import-outside-toplevel
   stem = f"{index:04d}_{os.path.splitext(os.path.basename(answer.json['image']))[0]}"
   json_path, png_path = (os.path.join(out_dir, stem + ext) for ext in (".json", ".png"))
   with open(json_path, "w") as f:
@@ -121,7 +120,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   except FileNotFoundError as e:
     print(f"pixelllm-infer: {e}", file=sys.stderr)
     return 2
-  from pixelllm_jax.infer import inferencer as inferencer_lib  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   try:
     loaded = loading.load_from_args(args)
@@ -130,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   print(f"model: {args.checkpoint} (step {loaded.step}), loaded in "
         f"{time.perf_counter() - start:.1f} s; {len(requests)} requests", flush=True)
-  summary = run_requests(inferencer_lib.Inferencer(loaded, args.max_decode_len), requests,
-                         args.out_dir)
+  inferencer = inferencer_lib.Inferencer(loaded, args.max_decode_len, args.beam_size, args.alpha)
+  summary = run_requests(inferencer, requests, args.out_dir)
   print(f"{len(summary['answered'])} answered, {len(summary['failed'])} failed; "
         f"written to {args.out_dir}")
   if summary["failed"]:

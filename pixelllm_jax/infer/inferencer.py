@@ -129,23 +129,29 @@ class Inferencer:
   """Answers requests with a loaded model (module docstring); compiles on first use, once
   per decoding mode (every request has the same shapes)."""
 
-  def __init__(self, loaded: Loaded, max_decode_len: int | None = None):
+  def __init__(self, loaded: Loaded, max_decode_len: int | None = None, beam_size: int = 1,
+               alpha: float = 0.6):
+    """Generated answers decode greedily, or with beam search when `beam_size` > 1 (`alpha`:
+    its brevity penalty; the official captioning setting is beam 4, alpha 0.6)."""
     self.loaded = loaded
     self.canvas_size = loaded.model.config.image_size
     self.has_masks = getattr(loaded.model.config, "mask_head", None) is not None
     partitioner, model = loaded.partitioner, loaded.model
     max_len = max_decode_len or loaded.task_config.max_target_len
+    generate = (DecodeSettings(mode="greedy", max_len=max_len) if beam_size == 1 else
+                DecodeSettings(mode="beam", max_len=max_len, beam_size=beam_size, alpha=alpha))
     self._predict = {
-        mode: partitioner.jit(lambda p, b, s=DecodeSettings(mode=mode, max_len=max_len):
-                              model.predict(p, b, s))
-        for mode in ("greedy", "teacher_forced")}
+        mode: partitioner.jit(lambda p, b, s=settings: model.predict(p, b, s))
+        for mode, settings in (("greedy", generate),
+                               ("teacher_forced", DecodeSettings(mode="teacher_forced")))}
     self._score = partitioner.jit(model.score)
 
   def _device(self, batch: Batch) -> Batch:
     return self.loaded.partitioner.shard_batch(batch)
 
   def predict(self, batch: Batch, mode: str) -> Any:
-    """`model.predict` of a numpy batch ('greedy' or 'teacher_forced'), as numpy arrays."""
+    """`model.predict` of a numpy batch, as numpy arrays: mode 'greedy' generates (greedy or
+    beam search, as the Inferencer was made), 'teacher_forced' reads the batch's targets."""
     return jax.device_get(self._predict[mode](self.loaded.params, self._device(batch)))
 
   def answer(self, request: Request, pixels: np.ndarray | None = None) -> Answer:

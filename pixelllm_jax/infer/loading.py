@@ -174,6 +174,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the sentencepiece model (default: the configuration's DataConfig)")
   parser.add_argument("--max_decode_len", type=int, default=None,
                       help="tokens generated at most (default: TaskConfig.max_target_len)")
+  parser.add_argument("--beam_size", type=int, default=1,
+                      help="beam search for generated answers (default 1: greedy decoding)")
+  parser.add_argument("--alpha", type=float, default=0.6,
+                      help="beam search's brevity penalty exponent (official: 0.6)")
 
 
 def load_from_args(args: argparse.Namespace) -> Loaded:
