@@ -28,7 +28,8 @@ CORE = [
 EXTRAS = {
     # Metrics that need the COCO caption toolkit (CIDEr, BLEU, ROUGE-L; METEOR needs Java).
     "eval": ["pycocoevalcap>=1.2"],
-    "test": ["pytest>=8", "pytest-xdist>=3", "portpicker>=1.6"],
+    # selenium drives Debian's chromium in the demo page's test (scripts/test.sh installs it).
+    "test": ["pytest>=8", "pytest-xdist>=3", "portpicker>=1.6", "selenium>=4.20"],
     # Reference implementations for the parity tests and the weight converters' torch
     # inputs. torch==2.13.0 resolves to the machines' local CPU wheel; a bare `torch`
     # would pull a multi-GB CUDA build (docs/DESIGN.md, "Stack").
@@ -42,7 +43,7 @@ setuptools.setup(
     version="0.1.0",
     description="Pixel Aligned Language Models in JAX/Flax",
     packages=setuptools.find_packages(include=["pixelllm_jax", "pixelllm_jax.*"]),
-    package_data={"pixelllm_jax": ["../gin_configs/**/*.gin"]},
+    package_data={"pixelllm_jax": ["../gin_configs/**/*.gin", "static/*"]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,
@@ -51,6 +52,8 @@ setuptools.setup(
             "pixelllm-train=pixelllm_jax.train.main:cli_main",
             "pixelllm-eval=pixelllm_jax.eval.__main__:run",
             "pixelllm-convert=pixelllm_jax.convert.__main__:cli",
+            "pixelllm-infer=pixelllm_jax.infer.__main__:run",
+            "pixelllm-serve=pixelllm_jax.serve:run",
         ]
     },
 )
