@@ -220,11 +220,17 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_checks.log") 2>&1
 setup
 status=0
+prepare_pid=
 if [ "$STAGE" != bench ] && [ "$DATA_STACK_OK" = 1 ]; then
   prepare_world &  # CPU work, overlapping the benchmark
+  prepare_pid=$!
 fi
 if [ "$STAGE" != world ]; then bench || status=1; fi
 if [ "$STAGE" != bench ]; then world || status=1; fi
-wait
+# No `wait`: it would also wait for the log's tee, which never ends. The world stage has waited
+# for the preparation already, or given up on it.
+if [ -n "$prepare_pid" ] && kill -0 "$prepare_pid" 2>/dev/null; then
+  say "world preparation still running; left behind"
+fi
 say "done (exit $status)"
 exit $status
