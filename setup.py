@@ -36,6 +36,10 @@ EXTRAS = {
     "ref": ["torch==2.13.0", "transformers>=5.0", "timm>=1.0", "safetensors>=0.4"],
     # The xmanager executor of launch/ (the local executor and --dry_run need nothing).
     "launch": ["xmanager>=0.8"],
+    # The TPU compiler for `python -m pixelllm_jax.scale_check --topology=...` (compiles for
+    # TPU pods on a CPU machine): jax's `tpu` extra pins the libtpu that matches jax
+    # (jax 0.10.2: libtpu 0.0.42.*, about 680 MB). Not needed to train, test or run on CPU.
+    "tpu_aot": ["jax[tpu]>=0.10.2"],
 }
 
 setuptools.setup(
