@@ -150,7 +150,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="pixelllm-serve", description=__doc__.split("\n", 1)[0])
+  p = argparse.ArgumentParser(prog="pixelllm-serve", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   loading.add_arguments(p)
   p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
   p.add_argument("--port", type=int, default=8000, help="the port (0: any free one)")

@@ -251,6 +251,8 @@ def test_pixels_of_any_format():
   Image.fromarray((np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)).save(buffer, "PNG")
   pixels = inferencer_lib.pixels_of(Image.open(buffer))
   assert pixels.shape == (3, 4, 3) and pixels.dtype == np.uint8 and pixels.max() == 255
+  floats = Image.fromarray(np.array([[0.0, 0.5, 2.0]], np.float32))
+  np.testing.assert_array_equal(inferencer_lib.pixels_of(floats)[0, :, 0], [0, 64, 255])
   cmyk = Image.new("CMYK", (5, 2), (0, 255, 255, 0))  # red
   np.testing.assert_array_equal(inferencer_lib.pixels_of(cmyk)[0, 0], [255, 0, 0])
 

@@ -52,7 +52,7 @@ def _coords(count: int):
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="pixelllm-infer", description=__doc__.split("\n", 1)[0],
+  p = argparse.ArgumentParser(prog="pixelllm-infer", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   loading.add_arguments(p)
   p.add_argument("--input", required=True, help="an image, a folder of images or a .jsonl")

@@ -73,10 +73,10 @@ def read_image(request: Request) -> np.ndarray:
 def pixels_of(image: Image.Image) -> np.ndarray:
   """uint8[H, W, 3]: the image upright (EXIF orientation) in RGB (alpha dropped)."""
   image = ImageOps.exif_transpose(image)
-  if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: PIL's RGB clips it
-    grey = np.asarray(image, np.float64)
-    top = max(float(grey.max()), 1.0)
-    image = Image.fromarray((grey / top * 255).astype(np.uint8))
+  if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: RGB would clip
+    grey = np.clip(np.nan_to_num(np.asarray(image, np.float64)), 0, None)
+    top = float(grey.max()) or 1.0
+    image = Image.fromarray((grey / top * 255).round().astype(np.uint8))
   return np.ascontiguousarray(np.asarray(image.convert("RGB"), np.uint8))
 
 
