@@ -30,6 +30,7 @@ from pixelllm_jax.infer.__main__ import run_requests
 from pixelllm_jax.tasks import base
 
 import infer_fixtures
+from xla_env import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -233,7 +234,7 @@ def test_command_line_reports_failures_and_exits_1(run, tmp_path):
                    + json.dumps({"image": str(run["photos"] / "alpha.png"), "task": "loca",
                                  "box": [0, 0, 100, 10]}) + "\n")
   out = tmp_path / "out"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
   done = subprocess.run([sys.executable, "-m", "pixelllm_jax.infer",
                          f"--checkpoint={run['model_dir']}", f"--input={jsonl}",
                          f"--out_dir={out}"], cwd=REPO, env=env, capture_output=True,

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 import infer_fixtures
+from xla_env import xla_flags
 
 try:
   from selenium import webdriver
@@ -56,7 +57,7 @@ def served(tmp_path_factory):
   root = tmp_path_factory.mktemp("serve")
   paths = infer_fixtures.make_run(str(root))
   image = os.path.join(paths["images"], sorted(os.listdir(paths["images"]))[0])
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1),
          "PYTHONUNBUFFERED": "1"}
   server = subprocess.Popen([sys.executable, "-m", "pixelllm_jax.serve",
                              f"--checkpoint={paths['model_dir']}", "--port=0"], cwd=REPO,
