@@ -188,3 +188,25 @@ def test_command_line_cpu_mesh(tmp_path):
   assert report["argument_gib"] > 0 and report["tflops"] > 0 and report["fits"] is True
   assert report["t5"] == "d64" and report["scan"] in (None, False)  # tiny.gin does not scan
   assert any(line.startswith("decode cpu (2 x cpu)") for line in proc.stdout.splitlines())
+
+
+class _Refused:
+  """A lowered step the compiler refuses, as XLA's TPU compiler words it."""
+
+  def __init__(self, message):
+    self.message = message
+
+  def compile(self):
+    raise RuntimeError(self.message)
+
+
+def test_out_of_memory_is_a_report_not_a_crash(reports):
+  *_, (train, _) = reports
+  oom = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (26.32G) exceeds available HBM (15.75G).\nmore lines")
+  stats, error = aot.compile_or_oom(_Refused(oom))
+  assert error == oom.splitlines()[0] and set(stats.values()) == {None}
+  refused = dataclasses.replace(train, **stats, fits=False, error=error)
+  assert "DOES NOT FIT: RESOURCE_EXHAUSTED" in refused.line()
+  with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+    aot.compile_or_oom(_Refused("INVALID_ARGUMENT: something else"))

@@ -71,6 +71,10 @@ def setup_backend(topology: str | None, cpu_devices: int | None) -> None:
     os.environ["XLA_FLAGS"] = " ".join([*kept, f"{count}={cpu_devices}"])
   else:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server to ask
+    # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) against two processes driving
+    # the same chips; this one only compiles, so another jax process that loaded libtpu
+    # (any started without JAX_PLATFORMS=cpu) must not stop it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   # The process itself stays on CPU; a topology's devices are only compiled for.
   jax.config.update("jax_platforms", "cpu")
 

@@ -102,29 +102,33 @@ class Report:
   batch: str                 # B x N x L
   params_b: float            # parameters, billions
   trainable_b: float
-  argument_gib: float
-  output_gib: float
-  alias_gib: float
-  temp_gib: float
-  peak_gib: float            # argument + output - alias + temp
+  # Memory per chip; None when the compiler refused the step for want of memory (`error`).
+  argument_gib: float | None
+  output_gib: float | None
+  alias_gib: float | None
+  temp_gib: float | None
+  peak_gib: float | None     # argument + output - alias + temp
   fits: bool | None          # peak <= HBM (None: no HBM to compare with)
   tflops: float              # the step, all chips (the unrolled step on one device)
-  xla_tflops_per_chip: float  # as compiled (a scanned loop's body counted once)
+  xla_tflops_per_chip: float | None  # as compiled (a scanned loop's body counted once)
   lower_s: float
   compile_s: float
+  error: str | None = None   # the compiler's out-of-memory message
 
   def line(self) -> str:
+    scan = {True: "scan", False: "unrolled", None: "scan n/a"}[self.scan]
+    head = (f"{self.step:6s} {self.target} ({self.devices} x {self.device_kind}) "
+            f"rules={self.rules} mesh={self.mesh} remat={self.remat} {self.compute_dtype} "
+            f"t5={self.t5} {scan} batch={self.batch}")
+    times = f"lower {self.lower_s:.0f} s, compile {self.compile_s:.0f} s"
+    if self.error is not None:
+      return f"{head} | DOES NOT FIT: {self.error} | {self.tflops:.4g} TFLOP/step | {times}"
     hbm = "" if self.hbm_gib is None else f" / {self.hbm_gib:g}"
     fits = {True: " fits", False: " DOES NOT FIT", None: ""}[self.fits]
-    scan = {True: "scan", False: "unrolled", None: "scan n/a"}[self.scan]
-    return (f"{self.step:6s} {self.target} ({self.devices} x {self.device_kind}) "
-            f"rules={self.rules} mesh={self.mesh} remat={self.remat} {self.compute_dtype} "
-            f"t5={self.t5} {scan} batch={self.batch} | GiB per chip: args "
-            f"{self.argument_gib:.2f} temp {self.temp_gib:.2f} out {self.output_gib:.2f} alias "
-            f"{self.alias_gib:.2f} peak {self.peak_gib:.2f}{hbm}{fits} | "
-            f"{self.tflops:.4g} TFLOP/step ({self.xla_tflops_per_chip:.4g} per chip as "
-            f"compiled) | lower {self.lower_s:.0f} s, compile "
-            f"{self.compile_s:.0f} s")
+    return (f"{head} | GiB per chip: args {self.argument_gib:.2f} temp {self.temp_gib:.2f} "
+            f"out {self.output_gib:.2f} alias {self.alias_gib:.2f} peak "
+            f"{self.peak_gib:.2f}{hbm}{fits} | {self.tflops:.4g} TFLOP/step "
+            f"({self.xla_tflops_per_chip:.4g} per chip as compiled) | {times}")
 
 
 def _with_sharding(tree: Any, shardings: Any) -> Any:
@@ -220,6 +224,20 @@ def analyse(compiled: Any) -> dict[str, float]:
           "xla_tflops_per_chip": tflops(compiled)}
 
 
+def compile_or_oom(lowered: Any) -> tuple[dict[str, Any], str | None]:
+  """(analyse(compiled), None), or (every figure None, the message) when the TPU compiler
+  refuses the step because it needs more memory than a chip has (RESOURCE_EXHAUSTED)."""
+  try:
+    return analyse(lowered.compile()), None
+  except Exception as e:  # pylint: disable=broad-except  (jax's JaxRuntimeError)
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    message = str(e).strip().splitlines()[0]
+    names = ("argument_gib", "output_gib", "alias_gib", "temp_gib", "peak_gib",
+             "xla_tflops_per_chip")
+    return dict.fromkeys(names), message
+
+
 def _count(tree: Any, keep=lambda path: True) -> int:
   return sum(x.size for kp, x in jax.tree_util.tree_leaves_with_path(tree) if keep(path_of(kp)))
 
@@ -267,15 +285,16 @@ def check(model: Any, optimizer: Any, shape: BatchShape, *, devices: Sequence[An
     start = time.perf_counter()
     lowered, params = lower(step, model, optimizer, partitioner)
     lowered_at = time.perf_counter()
-    stats = analyse(lowered.compile())
+    stats, error = compile_or_oom(lowered)
     compiled_at = time.perf_counter()
     step_tflops = tflops(lower(step, *(unrolled or (model, optimizer)), one_device)[0])
     yield Report(
         step=step, target=target, devices=n, device_kind=kind, hbm_gib=hbm_gib,
-        rules=rules_label or partitioner.rule_set, mesh="x".join(str(s) for s in partitioner.mesh.shape.values()),
+        rules=rules_label or partitioner.rule_set,
+        mesh="x".join(str(s) for s in partitioner.mesh.shape.values()),
         remat=model.config.t5.remat, compute_dtype=model.dtype.compute_dtype, t5=t5, scan=scan,
         batch=str(shape), params_b=_count(params) / 1e9,
         trainable_b=_count(params, model.trainable) / 1e9, **stats,
-        fits=None if hbm_gib is None else stats["peak_gib"] <= hbm_gib,
-        tflops=step_tflops, lower_s=lowered_at - start,
-        compile_s=compiled_at - lowered_at)
+        fits=(False if error else None if hbm_gib is None else stats["peak_gib"] <= hbm_gib),
+        tflops=step_tflops, lower_s=lowered_at - start, compile_s=compiled_at - lowered_at,
+        error=error)
