@@ -77,7 +77,9 @@ def test_score_is_the_target_log_likelihood(model, params, batch):
 
 def test_decode_settings_are_checked():
   with pytest.raises(ValueError, match="mode"):
-    DecodeSettings("beam")
+    DecodeSettings("sample")
+  with pytest.raises(ValueError, match="beam_size"):
+    DecodeSettings("greedy", beam_size=3)
   with pytest.raises(ValueError, match="max_len"):
     DecodeSettings("greedy", max_len=0)
 
