@@ -61,4 +61,4 @@ install_browser() {
 install_java
 if [ "${PIXELLLM_SKIP_BROWSER_TESTS:-}" != 1 ]; then install_browser; fi
 bash scripts/setup_env.sh eval,test,ref
-exec .venv/bin/python -m pytest -q -n 2 tests "$@"
+exec .venv/bin/python -m pytest -q -n 2 --durations=40 tests "$@"
