@@ -25,6 +25,17 @@ the term is the mean generalized IoU loss (1 - GIoU, Rezatofighi et al. 2019,
 as DETR adds to its box L1). L1 alone pulls each corner by a constant step
 whatever the box size; GIoU weighs errors relative to the box.
 
+Mask loss (referring segmentation, batches with `mask_targets`), as the
+official refseg loss: the mask head's low-res logits are upsampled bilinearly to
+the canvas and only the image's pixels count (not the padding); per slot
+`mask_focal_weight` (20) x sigmoid focal loss (alpha 0.5, gamma 2; the mean
+over the image's pixels) + `mask_dice_weight` (1) x dice loss + `mask_iou_weight`
+(1) x the squared error of the predicted IoU against the IoU of the
+thresholded mask (logit > 0) with the target (a constant); averaged over the
+slots of mask tasks (`Task.mask_loss`) like the other losses (per task or
+plain), times `mask_loss_weight`. The official focal normalization is not
+recorded; this is the per-mask pixel mean.
+
 Metrics carry `batch.COUNT_PREFIX + name` token counts for every averaged
 metric, so logging windows over batches of different tasks average correctly.
 
@@ -55,6 +66,12 @@ class LossConfig:
   per_task_mean: bool = True
   box_giou_weight: float = 0.0
   box_giou_tasks: tuple[str, ...] | None = None  # None: every task with `point_loss`
+  mask_loss_weight: float = 1.0
+  mask_focal_weight: float = 20.0
+  mask_dice_weight: float = 1.0
+  mask_iou_weight: float = 1.0
+  mask_focal_alpha: float = 0.5
+  mask_focal_gamma: float = 2.0
 
   def __post_init__(self):
     if self.box_giou_tasks is None:
@@ -63,8 +80,9 @@ class LossConfig:
     tasks.check_names(self.box_giou_tasks, "LossConfig.box_giou_tasks")
 
 
-# Tasks whose slots supervise the localization head.
+# Tasks whose slots supervise the localization head, and the mask head.
 POINT_TASKS = tuple(name for name in tasks.TASKS if tasks.get(name).point_loss)
+MASK_TASKS = tuple(name for name in tasks.TASKS if tasks.get(name).mask_loss)
 
 
 def smoothed_cross_entropy(
@@ -98,6 +116,41 @@ def giou_loss(pred_P2: jax.Array, target_P2: jax.Array) -> jax.Array:
   return 1.0 - (iou - (hull - union) / (hull + eps))
 
 
+def image_pixels(valid_hw_Bx2: jax.Array, hw: tuple[int, int]) -> jax.Array:
+  """bool[B, H, W]: the canvas pixels that hold the image (top-left `valid_hw` part)."""
+  h, w = hw
+  rows = jnp.arange(h)[None] + 0.5 < valid_hw_Bx2[:, 0:1].astype(jnp.float32) * h
+  cols = jnp.arange(w)[None] + 0.5 < valid_hw_Bx2[:, 1:2].astype(jnp.float32) * w
+  return rows[:, :, None] & cols[:, None, :]
+
+
+def mask_terms(logits_BNhw: jax.Array, iou_pred_BN: jax.Array, targets_BNHW: jax.Array,
+               valid_hw_Bx2: jax.Array, alpha: float = 0.5, gamma: float = 2.0
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-slot mask losses (focal, dice, IoU squared error), each float32[B, N].
+
+  The logits are upsampled bilinearly to the targets' canvas H x W; only the image's pixels
+  (`image_pixels`) count. focal: the mean over them of alpha_t (1 - p_t)^gamma CE;
+  dice: 1 - (2 sum p t + 1) / (sum p + sum t + 1), p = sigmoid(logit); IoU error:
+  (iou_pred - IoU(logit > 0, target))^2, the IoU held constant.
+  """
+  b, n, h, w = targets_BNHW.shape
+  x = jax.image.resize(logits_BNhw.astype(jnp.float32), (b, n, h, w), "bilinear")
+  valid = image_pixels(valid_hw_Bx2, (h, w))[:, None].astype(jnp.float32)  # [B, 1, H, W]
+  t = targets_BNHW.astype(jnp.float32)
+  p = jax.nn.sigmoid(x)
+  ce = jax.nn.softplus(x) - x * t                  # -log(p) if t else -log(1 - p)
+  p_t = p * t + (1.0 - p) * (1.0 - t)
+  alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
+  total = lambda v: jnp.sum(v * valid, axis=(-2, -1))  # noqa: E731  (over the image)
+  focal = total(alpha_t * ce * (1.0 - p_t) ** gamma) / jnp.maximum(total(1.0), 1.0)
+  dice = 1.0 - (2.0 * total(p * t) + 1.0) / (total(p) + total(t) + 1.0)
+  pred = (x > 0).astype(jnp.float32)
+  inter, union = total(pred * t), total(jnp.maximum(pred, t))
+  iou = jax.lax.stop_gradient(inter / jnp.maximum(union, 1.0))
+  return focal, dice, (iou_pred_BN.astype(jnp.float32) - iou) ** 2
+
+
 def _group_counts(weights_BxNxL: jax.Array, task_ids_BxN: jax.Array) -> jax.Array:
   """float32[T + 1]: summed weights of each task's slots (tasks.TASKS order), then of all slots."""
   counts = [jnp.sum(weights_BxNxL * (task_ids_BxN == i)[..., None])
@@ -129,10 +182,12 @@ class Normalizers:
   `tasks.TASKS` order, then all tasks): functions of the batch's weights and task ids only.
 
   text: caption weights. point: point weights. giou: point weights of `box_giou_tasks` slots.
+  mask: slots of mask tasks, in batches that carry mask targets.
   """
   text: jax.Array
   point: jax.Array
   giou: jax.Array
+  mask: jax.Array
 
 
 def _giou_weights(batch: Batch, config: LossConfig) -> jax.Array:
@@ -141,12 +196,47 @@ def _giou_weights(batch: Batch, config: LossConfig) -> jax.Array:
   return batch.point_weights.astype(jnp.float32) * in_tasks[..., None]
 
 
+def _mask_weights(batch: Batch) -> jax.Array:
+  """float32[B, N, 1]: 1 for the slots of mask tasks when the batch carries mask targets."""
+  if batch.mask_targets is None or not MASK_TASKS:
+    return jnp.zeros((*batch.task_ids.shape, 1), jnp.float32)
+  ids = jnp.asarray([tasks.TASK_ID[t] for t in MASK_TASKS])
+  return jnp.isin(batch.task_ids, ids).astype(jnp.float32)[..., None]
+
+
 def normalizers(batch: Batch, config: LossConfig = LossConfig()) -> Normalizers:
   """The counts of `batch` (no model output needed; cheap)."""
   return Normalizers(
       text=_group_counts(batch.decoder_loss_weights.astype(jnp.float32), batch.task_ids),
       point=_group_counts(batch.point_weights.astype(jnp.float32), batch.task_ids),
-      giou=_group_counts(_giou_weights(batch, config), batch.task_ids))
+      giou=_group_counts(_giou_weights(batch, config), batch.task_ids),
+      mask=_group_counts(_mask_weights(batch), batch.task_ids))
+
+
+def _mask_loss(output: Output, batch: Batch, config: LossConfig, own: Normalizers,
+               whole: Normalizers) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(mask loss, its metrics); zeros with zero counts for a batch without mask targets,
+  so every step logs the same metric names."""
+  names = ("mask_loss", "mask_focal", "mask_dice", "mask_iou_error")
+  if batch.mask_targets is None:
+    zero = jnp.zeros((), jnp.float32)
+    return zero, {k: v for name in names for k, v in ((name, zero), (COUNT_PREFIX + name, zero))}
+  if output.mask_logits is None:
+    raise ValueError("the batch has mask targets but the model gave no masks "
+                     "(PixelLLMConfig.mask_head)")
+  focal, dice, iou_error = mask_terms(output.mask_logits, output.mask_iou, batch.mask_targets,
+                                      batch.image_valid_hw, config.mask_focal_alpha,
+                                      config.mask_focal_gamma)
+  per_slot = (config.mask_focal_weight * focal + config.mask_dice_weight * dice
+              + config.mask_iou_weight * iou_error)
+  weights = _mask_weights(batch)
+  loss = _mean(_group_sums(per_slot[..., None], weights, batch.task_ids), whole.mask,
+               config.per_task_mean)
+  metrics = {"mask_loss": loss}
+  for name, values in (("mask_focal", focal), ("mask_dice", dice), ("mask_iou_error", iou_error)):
+    metrics[name] = jnp.sum(values[..., None] * weights) / jnp.maximum(whole.mask[-1], 1.0)
+  metrics.update({COUNT_PREFIX + name: own.mask[-1] for name in names})
+  return loss, metrics
 
 
 def compute_losses(
@@ -182,6 +272,8 @@ def compute_losses(
     giou = _mean(giou_sums, whole.giou, per_task)
     total = total + config.box_giou_weight * giou
     box_metrics = {"giou_loss": giou, COUNT_PREFIX + "giou_loss": own.giou[-1]}
+  mask_loss, mask_metrics = _mask_loss(output, batch, config, own, whole)
+  total = total + config.mask_loss_weight * mask_loss
   correct = (jnp.argmax(output.logits, axis=-1) == batch.decoder_target_tokens)
   metrics = {
       "loss": total,
@@ -192,6 +284,7 @@ def compute_losses(
       COUNT_PREFIX + "token_accuracy": own.text[-1],
       COUNT_PREFIX + "point_loss": own.point[-1],
       **box_metrics,
+      **mask_metrics,
   }
   for i, name in enumerate(tasks.TASKS):
     metrics[f"slots/{name}"] = jnp.sum(batch.task_ids == i).astype(jnp.float32)

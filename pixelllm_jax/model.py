@@ -6,7 +6,7 @@ the composer's call signature, the losses or how decoding works:
   loss(params, batch, rng)       -> (float32[] loss, {name: float32[]} metrics)
   loss_normalizers(batch)        -> what the loss's averages divide by (no params)
   loss_share(params, part, rng, normalizers) -> a micro-batch's additive share of the loss
-  predict(params, batch, settings) -> Predictions (tokens, per-token points, boxes)
+  predict(params, batch, settings) -> Predictions (tokens, per-token points, boxes, masks)
   score(params, batch)           -> float32[B, N] log-likelihood of each slot's target
   trainable(path)                -> whether a parameter trains (the freezing switch)
   check_batch(batch)             -> raises at start-up when the data does not fit the model
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from pixelllm_jax import beam_search, decoding, losses, partitioning
 from pixelllm_jax.batch import EOS_ID, Batch, Output
+from pixelllm_jax.models.heads.localization import points_at, points_to_boxes
 from pixelllm_jax.models.pixel_llm import PixelLLM, PixelLLMConfig
 
 DECODE_MODES = ("greedy", "beam", "teacher_forced")
@@ -69,10 +70,16 @@ class Predictions:
     (normalized xy); points at EOS and after carry no meaning.
   boxes: float32[B, N, 4]: xyxy min/max of the points read where the sequence
     ends (the position whose target is EOS: the referring box).
+  mask_logits: float32[B, N, 4h, 4w]: the mask head's low-res logits over the
+    canvas, segmenting each slot from its box (teacher forced, models with a
+    mask head; else None).
+  mask_iou: float32[B, N]: the mask head's predicted IoU of each mask (or None).
   """
   tokens: jax.Array
   points: jax.Array
   boxes: jax.Array
+  mask_logits: jax.Array | None = None
+  mask_iou: jax.Array | None = None
 
 
 class BaseModel(abc.ABC):
@@ -133,17 +140,6 @@ def _end_index(tokens_BNT: jax.Array) -> jax.Array:
   return jnp.where(is_eos.any(-1), jnp.argmax(is_eos, axis=-1), tokens_BNT.shape[-1])
 
 
-def _points_at(points_BNTP2: jax.Array, index_BN: jax.Array) -> jax.Array:
-  """float[B, N, P, 2]: the points at `index` along T (clipped into range)."""
-  index = jnp.clip(index_BN, 0, points_BNTP2.shape[2] - 1)
-  return jnp.take_along_axis(points_BNTP2, index[:, :, None, None, None], axis=2)[:, :, 0]
-
-
-def points_to_boxes(points_xP2: jax.Array) -> jax.Array:
-  """float[..., P, 2] -> float[..., 4] xyxy (min / max over the P points)."""
-  return jnp.concatenate([points_xP2.min(axis=-2), points_xP2.max(axis=-2)], axis=-1)
-
-
 class PixelLLMModel(BaseModel):
   """PixelLLM behind the model API.
 
@@ -162,7 +158,12 @@ class PixelLLMModel(BaseModel):
     self.loss_config, self.dtype = loss, dtype
 
   def init(self, rng: jax.Array, batch: Batch) -> Any:
-    variables = self.module.init({"params": rng, "dropout": rng}, **_inputs(batch), train=False)
+    # A mask head's branch is traced whatever the batch holds (the official force_init),
+    # so its parameters exist when the first batch carries no masks.
+    positions = (None if self.config.mask_head is None
+                 else _end_index(batch.decoder_target_tokens))
+    variables = self.module.init({"params": rng, "dropout": rng}, **_inputs(batch), train=False,
+                                 mask_positions=positions)
     return self.dtype.cast_params(variables["params"])
 
   def abstract_batch(self, batch_size: int = 1, num_slots: int = 1, num_prompts: int = 1,
@@ -183,10 +184,19 @@ class PixelLLMModel(BaseModel):
         point_weights=s((b, n, length), jnp.float32), task_ids=s((b, n), jnp.int32))
 
   def apply(self, params: Any, batch: Batch, *, train: bool = False,
-            rng: jax.Array | None = None) -> Output:
-    """The teacher-forced forward pass (logits, points and hidden states)."""
+            rng: jax.Array | None = None, masks: bool | None = None) -> Output:
+    """The teacher-forced forward pass (logits, points and hidden states), with each
+    slot's mask read from its box at the target's EOS position when `masks` (default:
+    when the batch carries mask targets)."""
+    if masks is None:
+      masks = batch.mask_targets is not None
+    if masks and self.config.mask_head is None:
+      raise ValueError("the batch carries mask targets but the model has no mask head "
+                       "(PixelLLMConfig.mask_head)")
+    positions = _end_index(batch.decoder_target_tokens) if masks else None
     rngs = {"dropout": rng} if rng is not None else None
-    return self.module.apply({"params": params}, **_inputs(batch), train=train, rngs=rngs)
+    return self.module.apply({"params": params}, **_inputs(batch), train=train, rngs=rngs,
+                             mask_positions=positions)
 
   def loss(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
     output = self.apply(params, batch, train=True, rng=rng)
@@ -202,13 +212,15 @@ class PixelLLMModel(BaseModel):
 
   def predict(self, params: Any, batch: Batch, settings: DecodeSettings) -> Predictions:
     if settings.mode == "teacher_forced":
-      # Only the points are returned: XLA drops the logits' vocabulary matmul.
-      points_in = self.apply(params, batch).points  # at decoder *input* positions
+      # Only the points (and masks) are returned: XLA drops the logits' vocabulary matmul.
+      output = self.apply(params, batch, masks=self.config.mask_head is not None)
+      points_in = output.points  # at decoder *input* positions
       tokens = batch.decoder_target_tokens
-      boxes = points_to_boxes(_points_at(points_in, _end_index(tokens)))
+      boxes = points_to_boxes(points_at(points_in, _end_index(tokens)))
       # Target t is fed (and localized) at input position t + 1.
       points = jnp.concatenate([points_in[:, :, 1:], jnp.zeros_like(points_in[:, :, :1])], axis=2)
-      return Predictions(tokens=tokens, points=points, boxes=boxes)
+      return Predictions(tokens=tokens, points=points, boxes=boxes,
+                         mask_logits=output.mask_logits, mask_iou=output.mask_iou)
     variables = {"params": params}
     encoded = self.module.apply(variables, batch.image, batch.image_valid_hw, batch.prompt_boxes,
                                 batch.prompt_index, batch.context_tokens,
@@ -221,12 +233,12 @@ class PixelLLMModel(BaseModel):
       decoded = decoding.greedy_decode_pixel_llm(self.module, variables, encoded,
                                                  settings.max_len)
     # The last word sits just before EOS (the point read after it, as in training).
-    boxes = points_to_boxes(_points_at(decoded.points, _end_index(decoded.tokens) - 1))
+    boxes = points_to_boxes(points_at(decoded.points, _end_index(decoded.tokens) - 1))
     return Predictions(tokens=decoded.tokens, points=decoded.points, boxes=boxes)
 
   def score(self, params: Any, batch: Batch) -> jax.Array:
     """float32[B, N]: sum of log p(target token) over each slot's non-pad targets."""
-    logits = self.apply(params, batch).logits
+    logits = self.apply(params, batch, masks=False).logits
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     targets = batch.decoder_target_tokens
     token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
@@ -250,6 +262,13 @@ class PixelLLMModel(BaseModel):
           f"the data's images are {hw[0]}x{hw[1]} but the model's canvas is {size}x{size} "
           f"(PixelLLMConfig.image_size): give the data pipeline canvas_size={size} "
           "(train_data.canvas_size / evaluate.canvas_size) or set image_size to the images' size")
+    if batch.mask_targets is not None:
+      if self.config.mask_head is None:
+        raise ValueError("the data carries mask targets (a mask task such as refseg) but the "
+                         "model has no mask head: give PixelLLMConfig.mask_head")
+      if tuple(batch.mask_targets.shape[2:]) != (size, size):
+        raise ValueError(f"mask targets {tuple(batch.mask_targets.shape[2:])} are not on the "
+                         f"{size}x{size} canvas")
     points = batch.point_targets.shape[-2]
     if points != self.config.loc_head.points_per_token:
       raise ValueError(f"the data has {points} points per token (TaskConfig.points_per_token) "

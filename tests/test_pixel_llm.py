@@ -477,7 +477,7 @@ def test_box_giou_weight_adds_the_mean_over_point_weighted_tokens_of_its_tasks()
   np.testing.assert_allclose(m["count/giou_loss"], 2.0)
   np.testing.assert_allclose(total, plain + 3.0 * (1.0 / 3.0), rtol=1e-5)
   # The default counts trace too: its three weighted tokens, each a disjoint box (far_loss).
-  assert losses.LossConfig().box_giou_tasks == ("trace", "refer")
+  assert losses.LossConfig().box_giou_tasks == ("trace", "refer", "refseg")
   both = losses.compute_losses(out, batch, dataclasses.replace(cfg, box_giou_tasks=("trace", "refer")))[1]
   far_loss = float(losses.giou_loss(far, true))
   np.testing.assert_allclose(both["giou_loss"], (2.0 / 3.0 + 3 * far_loss) / 5, rtol=1e-5)

@@ -319,6 +319,29 @@ def test_refer_point_targets_are_the_referred_box_corners(world, tokenizer):
   assert checked >= B * 2  # every refer record has >= 2 objects, so >= 2 slots
 
 
+def test_refseg_mask_targets_are_the_referred_objects_visible_masks(world, tokenizer):
+  # Through the task's own data source (masks decoded) and the training pipeline.
+  source = sources.task_data_source(world["builders"]["refer"], "train", "refseg")
+  stream = pipeline.make_train_dataset([("refseg", source, 1.0)], tokenizer, CONFIG,
+                                       batch_size=B, num_slots=N, num_prompts=K, seed=0)
+  batch = next(iter(stream))
+  assert batch["mask_targets"].shape == (B, N, SIZE, SIZE)
+  checked = 0
+  for b in range(B):
+    item = next(i for i in world["items"]["train"]
+                if np.array_equal(batch["image"][b], world["images"][i.image_id]))
+    text_of = {e.text: e.object_index for e in item.expressions}
+    for n in range(N):
+      if batch["task_ids"][b, n] == EMPTY_SLOT:
+        assert not batch["mask_targets"][b, n].any()
+        continue
+      assert batch["task_ids"][b, n] == TASK_ID["refseg"]
+      obj = item.scene.objects[text_of[tokenizer.decode(batch["decoder_target_tokens"][b, n])]]
+      np.testing.assert_array_equal(batch["mask_targets"][b, n], obj.mask)
+      checked += 1
+  assert checked >= B * 2
+
+
 def test_box_tasks_never_decode_the_masks(world, tokenizer, monkeypatch):
   # Refer records hold a PNG mask per object, which the referring task never reads: decoding
   # them halved its input rate (README, "Input-pipeline throughput"). Its data source keeps

@@ -33,6 +33,10 @@ Choices:
   image is resized and padded bottom/right onto a square canvas
   (`augment.transform_record`; training shrinks only, evaluation scales the
   long side to the canvas) and `image_valid_hw` says how much of it is image.
+- Mask targets: a batch stream that holds a mask task (`Task.mask_loss`:
+  the stream's one task when homogeneous, any task of the mixture otherwise)
+  carries `mask_targets` bool[B, N, H, W] on the image; other streams leave
+  the field out (None in `Batch`), so they neither carry nor compute masks.
 - Features a task never reads (`Task.unread_features`, e.g. refer's
   per-object masks) are dropped from each record first: `sources` leaves them
   encoded, and dropped they are not resampled by augmentation either.
@@ -80,7 +84,8 @@ def _prompt_key(slot: Slot) -> tuple[float, ...]:
 
 def pack_example(image: np.ndarray, slots: Sequence[Slot], *, num_prompts: int,
                  num_slots: int, config: TaskConfig,
-                 image_valid_hw: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 image_valid_hw: np.ndarray | None = None,
+                 with_masks: bool = False) -> dict[str, np.ndarray]:
   """One image and up to N slots -> the Batch fields without the batch dim.
 
   Returns image uint8[H, W, 3], image_valid_hw float32[2] (as given; default
@@ -90,7 +95,8 @@ def pack_example(image: np.ndarray, slots: Sequence[Slot], *, num_prompts: int,
   decoder_input_tokens / decoder_target_tokens int32[N, L],
   decoder_loss_weights float32[N, L], point_targets float32[N, L, P, 2],
   point_weights float32[N, L], task_ids int32[N] (EMPTY_SLOT for unused slots,
-  which are otherwise all zero).
+  which are otherwise all zero); with `with_masks`, mask_targets bool[N, H, W]
+  (each slot's `Slot.mask`, all False for slots without one).
   """
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
@@ -129,6 +135,16 @@ def pack_example(image: np.ndarray, slots: Sequence[Slot], *, num_prompts: int,
     out["point_targets"][n] = slot.point_targets
     out["point_weights"][n] = slot.point_weights
     out["task_ids"][n] = tasks.TASK_ID[slot.task]
+  if with_masks:
+    out["mask_targets"] = np.zeros((num_slots, *image.shape[:2]), bool)
+    for n, slot in enumerate(slots):
+      if slot.mask is not None:
+        if slot.mask.shape != image.shape[:2]:
+          raise ValueError(f"slot {n} ({slot.task}) mask {slot.mask.shape} is not on its image "
+                           f"{image.shape[:2]}")
+        out["mask_targets"][n] = slot.mask
+  elif any(slot.mask is not None for slot in slots):
+    raise ValueError("slots with masks need with_masks=True (a mask task's stream)")
   return {
       "image": image,
       "image_valid_hw": (np.ones(2, np.float32) if image_valid_hw is None
@@ -167,6 +183,11 @@ def rows_of_slots(slots: Sequence[Slot], num_slots: int, num_prompts: int) -> li
   return rows if rows[-1] else rows[:-1]
 
 
+def with_masks(task_names: Sequence[str]) -> bool:
+  """Whether a batch stream over these tasks carries `mask_targets` (module docstring)."""
+  return any(tasks.get(t).mask_loss for t in task_names)
+
+
 def _record_name(task: str, index: int, record: dict) -> str:
   return f"{task} record {index} (image_id={record.get('image_id')!r})"
 
@@ -188,11 +209,13 @@ class _TrainExample:
   for mixed examples, (seed, shard, 2, source) for one source's stream."""
 
   def __init__(self, tokenizer: TextEncoder, config: TaskConfig, num_slots: int,
-               num_prompts: int, key: tuple[int, ...], canvas_size: int | None):
+               num_prompts: int, key: tuple[int, ...], canvas_size: int | None,
+               masks: bool = False):
     self.tokenizer, self.config = tokenizer, config
     self.num_slots, self.num_prompts = num_slots, num_prompts
     self.key = tuple(key)
     self.canvas_size = canvas_size
+    self.masks = masks
 
   def __call__(self, index: int, tagged) -> tuple[str, dict[str, np.ndarray]]:
     task, record_index, source_record, augment = tagged
@@ -210,7 +233,8 @@ class _TrainExample:
       if _fits(slots[i], chosen, self.num_slots, self.num_prompts):
         chosen.append(slots[i])
     example = pack_example(record["image"], chosen, num_prompts=self.num_prompts,
-                           num_slots=self.num_slots, config=self.config, image_valid_hw=valid_hw)
+                           num_slots=self.num_slots, config=self.config, image_valid_hw=valid_hw,
+                           with_masks=self.masks)
     return _record_name(task, record_index, source_record), example
 
 
@@ -251,8 +275,8 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
 
-  def to_batches(ds, config: TaskConfig, n: int, k: int, key: tuple[int, ...]):
-    examples = ds.map_with_index(_TrainExample(tokenizer, config, n, k, key, canvas_size))
+  def to_batches(ds, config: TaskConfig, n: int, k: int, key: tuple[int, ...], masks: bool):
+    examples = ds.map_with_index(_TrainExample(tokenizer, config, n, k, key, canvas_size, masks))
     return examples.batch(batch_size, drop_remainder=True, batch_fn=_stack_named)
 
   per_source, weights = [], []
@@ -276,12 +300,13 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
         n, k = shape.num_slots, shape.num_prompts
         config = dataclasses.replace(task_config, max_target_len=shape.max_target_len,
                                      max_context_len=shape.max_context_len)
-      ds = to_batches(ds, config, n, k, (seed, shard_index, 2, i))
+      ds = to_batches(ds, config, n, k, (seed, shard_index, 2, i), with_masks([task]))
     per_source.append(ds)
     weights.append(float(weight))
   mixed = grain.MapDataset.mix(per_source, weights)
-  batches = mixed if homogeneous else to_batches(mixed, task_config, num_slots, num_prompts,
-                                                 (seed, shard_index))
+  batches = mixed if homogeneous else to_batches(
+      mixed, task_config, num_slots, num_prompts, (seed, shard_index),
+      with_masks([TaskSource(*s).task for s in sources]))
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1))
   iter_ds = batches.to_iter_dataset(read_options)
   if worker_count > 0:
@@ -304,16 +329,17 @@ def eval_batches(task_name: str, data_source, tokenizer: TextEncoder, task_confi
   with empty rows (a zero image of the batch's size, task_ids = EMPTY_SLOT).
   """
   pending: list[tuple[str, np.ndarray, list[Slot], np.ndarray | None]] = []
+  masks = with_masks([task_name])
 
   def flush():
     examples = [pack_example(image, row, num_prompts=num_prompts, num_slots=num_slots,
-                             config=task_config, image_valid_hw=valid_hw)
+                             config=task_config, image_valid_hw=valid_hw, with_masks=masks)
                 for _, image, row, valid_hw in pending]
     names = [name for name, _, _, _ in pending]
     empty = np.zeros_like(pending[0][1])
     while len(examples) < batch_size:
       examples.append(pack_example(empty, [], num_prompts=num_prompts, num_slots=num_slots,
-                                   config=task_config))
+                                   config=task_config, with_masks=masks))
       names.append("padding")
     metas = [(r, s, slot.meta) for r, (_, _, row, _) in enumerate(pending)
              for s, slot in enumerate(row)]

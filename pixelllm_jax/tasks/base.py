@@ -11,6 +11,8 @@ everything the library needs to know about it:
   augmentation of its dataset;
 - `point_loss`: whether its slots supervise the localization head (point L1,
   the optional GIoU term and the per-task `point_l1/<task>` metric);
+- `mask_loss`: whether its slots carry a target mask (`Slot.mask`) that
+  supervises the mask head; batches of such a task carry `mask_targets`;
 - `evaluate`: its held-out evaluation, writing predictions and pictures;
 - `unread_features`: features of its builder's records that it never reads
   (paths such as 'objects/mask'): its data source leaves them encoded and the
@@ -25,6 +27,8 @@ supervision, already aligned as `pixelllm_jax/batch.py` requires:
 - `loss_weights` follow decoder *target* positions (t5x); `point_targets` and
   `point_weights` follow decoder *input* positions: the location of target
   token t_j sits at input position j + 1, where t_j is fed.
+- `mask` (mask tasks only) is the target on the record's image as packed:
+  the padded canvas when there is one (pixels outside the image are False).
 Coordinates are normalized [0, 1] xy, boxes xyxy.
 """
 import dataclasses
@@ -80,6 +84,7 @@ class Slot:
   point_targets: np.ndarray  # float32[L, P, 2], over decoder input positions
   point_weights: np.ndarray  # float32[L], over decoder input positions
   meta: dict[str, Any]       # what evaluation needs (references, ids, gt boxes)
+  mask: np.ndarray | None = None  # bool[H, W] on the packed image (mask tasks), else None
 
 
 @dataclasses.dataclass
@@ -117,6 +122,7 @@ class Task:
   point_loss: bool
   evaluate: EvalFn
   unread_features: tuple[str, ...] = ()
+  mask_loss: bool = False
 
 
 def without_features(record: dict, paths: Iterable[str]) -> dict:

@@ -29,8 +29,9 @@ from pixelllm_jax.data import tokenizer
 from pixelllm_jax.data.world import language, scene as scene_lib, writers
 
 SPLITS = ("train", "val", "test")
-# The tasks' text prompts, so the world tokenizer has whole pieces for them.
-INSTRUCTIONS = tuple(tasks.get(name).instruction for name in tasks.TASKS)
+# The tasks' text prompts, so the world tokenizer has whole pieces for them; each once (tasks that
+# share a prompt, e.g. refseg and refer, leave the tokenizer as it was).
+INSTRUCTIONS = tuple(dict.fromkeys(tasks.get(name).instruction for name in tasks.TASKS))
 VOCAB_SIZE = 256
 
 

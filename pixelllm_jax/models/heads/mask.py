@@ -101,7 +101,7 @@ class MaskAdapter(nn.Module):
 
     def project(x: Array, name: str) -> Array:
       x = layers.layer_norm(epsilon=1e-5, dtype=dt, name=f"{name}_norm")(x)
-      return layers.dense(c, ("mlp", "embed"), dtype=dt, name=f"{name}_proj")(x)
+      return layers.dense(c, ("embed", "mlp"), dtype=dt, name=f"{name}_proj")(x)
 
     keys = jnp.concatenate([project(visual_BNQD, "visual"), project(hidden_BNLD, "text")],
                            axis=2).reshape(b * n, q + length, c)
