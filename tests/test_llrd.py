@@ -246,3 +246,43 @@ def test_misconfiguration_fails_loudly():
     _one_step(_adamw(layer_decay=DECAY, layer_decay_tower="vit"), params, params)
   with pytest.raises(ValueError, match="> 0"):
     optim.scale_by_layer_decay(0.0, "eva02")
+
+
+# ---- learning-rate multipliers per submodule (optim.scale_by_submodule) ----------------------
+
+
+def test_submodule_multiplier_scales_that_submodules_adamw_update_only():
+  # The official refseg configs: 10x learning rate on the mask adapter. With the frozen split
+  # (the mask decoder frozen) and weight decay on, the adapter's first AdamW update is exactly
+  # 10x the plain one, every other trainable leaf's is unchanged and the frozen one stays 0.
+  rng = np.random.default_rng(0)
+  params = {"mask_adapter": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+                             "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
+            "loc_head": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)},
+            "mask_decoder": {"kernel": jnp.asarray(rng.normal(size=(2, 2)), jnp.float32)}}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  trainable = lambda path: path[0] != "mask_decoder"  # noqa: E731
+
+  def first_update(**options):
+    tx = optim.with_frozen(optim.make_optimizer(learning_rate=1e-2, warmup_steps=0,
+                                                total_steps=10, weight_decay=0.05, **options),
+                           trainable)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return updates
+
+  plain, boosted = first_update(), first_update(lr_multipliers={"mask_adapter": 10.0})
+  assert np.abs(plain["mask_adapter"]["kernel"]).min() > 0
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(boosted["mask_adapter"][name], 10 * plain["mask_adapter"][name],
+                               rtol=1e-6)
+  np.testing.assert_array_equal(boosted["loc_head"]["kernel"], plain["loc_head"]["kernel"])
+  np.testing.assert_array_equal(boosted["mask_decoder"]["kernel"], 0)
+
+
+def test_submodule_multiplier_misconfiguration_fails_loudly():
+  with pytest.raises(ValueError, match="must be > 0"):
+    optim.scale_by_submodule({"mask_adapter": 0.0})
+  tx = optim.scale_by_submodule({"mask_adaptor": 10.0})
+  params = {"mask_adapter": {"kernel": jnp.ones((2, 2))}}
+  with pytest.raises(ValueError, match=r"\['mask_adaptor'\]"):
+    tx.update(params, tx.init(params), params)

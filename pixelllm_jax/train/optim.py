@@ -14,6 +14,9 @@ Choices (paper: AdamW with linear warmup then cosine, docs/DESIGN.md "Tasks"):
   'layers', never '{name}_i') is not counted, so both layouts decay the same leaves.
 - Layer-wise learning-rate decay (optional, `layer_decay`): see
   `scale_by_layer_decay` below.
+- Learning-rate multipliers per top-level submodule (optional,
+  `lr_multipliers`, e.g. the official refseg configs' 10x on 'mask_adapter'):
+  see `scale_by_submodule` below.
 - Parameter paths are tuples of strings (`tree_paths.path_of`), the keys of
   the `params` collection without the leading 'params'.
 """
@@ -174,6 +177,34 @@ def scale_by_layer_decay(decay: float, tower: str) -> optax.GradientTransformati
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def scale_by_submodule(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
+  """Multiplies the updates of the top-level submodules named in `multipliers` by their factor.
+
+  Stateless; placed after the learning-rate scaling (`make_optimizer`), so a factor acts as
+  a learning-rate multiplier for that submodule, weight decay included. This is the official
+  refseg configs' `backbone_multiplier = 10` on the 'mask_adapter' prefix (scenic
+  projects/baselines/centernet/optimizer_utils.py builds one optimizer per prefix with
+  learning rate lr * multiplier: the same update, as for layer decay). A name the parameter
+  tree lacks is an error at the first update, not a silent no-op.
+  """
+  multipliers = dict(multipliers)
+  for name, factor in multipliers.items():
+    if not factor > 0:
+      raise ValueError(f"lr_multipliers[{name!r}] must be > 0, got {factor}")
+
+  def update_fn(updates, state, params=None):
+    del params
+    missing = sorted(set(multipliers) - set(updates))
+    if missing:
+      raise ValueError(f"lr_multipliers name {missing}, not at the top of the parameter tree "
+                       f"(keys: {sorted(updates)})")
+    scaled = {name: (jax.tree.map(lambda u, f=multipliers[name]: (u * f).astype(u.dtype), tree)
+                     if name in multipliers else tree) for name, tree in updates.items()}
+    return type(updates)(scaled) if not isinstance(updates, dict) else scaled, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(
     *,
     learning_rate: float,
@@ -186,13 +217,15 @@ def make_optimizer(
     grad_clip_norm: float | None = None,
     layer_decay: float | None = None,
     layer_decay_tower: str = "eva02",
+    lr_multipliers: Mapping[str, float] | None = None,
 ) -> optax.GradientTransformation:
   """AdamW + warmup/cosine schedule (+ optional clipping and layer decay), for the trainable leaves.
 
   The training loop wraps it with `with_frozen(..., model.trainable)`; it
   expects the params tree (no 'params' key on top). `layer_decay` (None: off; the
   official densecap and joint configs: 0.8) scales the updates of `layer_decay_tower`
-  per layer (`scale_by_layer_decay`).
+  per layer (`scale_by_layer_decay`). `lr_multipliers` ({submodule: factor}; None: off)
+  scales whole submodules' updates (`scale_by_submodule`).
 
   Order, as the official code composes them (scenic train_lib/optimizers.py
   `get_optimizer` per layer group inside centernet's `optimizer_with_layerwise_decay`,
@@ -218,6 +251,8 @@ def make_optimizer(
   )
   if layer_decay is not None:
     parts.append(scale_by_layer_decay(layer_decay, layer_decay_tower))
+  if lr_multipliers:
+    parts.append(scale_by_submodule(lr_multipliers))
   return optax.chain(*parts)
 
 
