@@ -113,6 +113,10 @@ def test_trainable_follows_the_freezing_switch():
   assert not cfg.trainable(("t5", "decoder", "layers_0", "self_attention", "query", "kernel"))
   assert cfg.trainable(("t5", "decoder", "layers_0", "self_attention", "query", "lora_a"))
   assert cfg.trainable(("eva02", "norm", "scale")) and cfg.trainable(("loc_head", "out", "bias"))
+  # The official refseg stage: T5 entirely frozen, its LoRA adapters too.
+  locked = dataclasses.replace(cfg, frozen_lora=True)
+  assert not locked.trainable(("t5", "decoder", "layers_0", "self_attention", "query", "lora_a"))
+  assert locked.trainable(("loc_head", "out", "bias"))
 
 
 @pytest.mark.parametrize("frozen", [(), ("eva02", "sam", "prompt_encoder")])

@@ -80,7 +80,9 @@ class PixelLLMConfig:
   image_size: side of the square canvas images are padded to; the image
     towers' `image_size` and the prompt encoder's `input_image_size` follow it.
   frozen: top-level submodules (SUBMODULES) that do not train; LoRA adapters
-    inside a frozen submodule still train.
+    inside a frozen submodule still train unless `frozen_lora`.
+  frozen_lora: LoRA adapters inside frozen submodules do not train either (the
+    official refseg configs freeze T5 entirely, its adapters included).
   dtype: compute dtype of the composer's own layers (the visual projection).
   mask_head: the referring-segmentation branch (None: none). It needs the SAM
     tower, a SAM width shared by SAM's map, the prompt encoder and the mask
@@ -94,6 +96,7 @@ class PixelLLMConfig:
   sam: SamViTConfig | None = None
   image_size: int = 384
   frozen: tuple[str, ...] = ()
+  frozen_lora: bool = False
   loc_grad_to_lm: bool = True
   visual_proj_eps: float = 1e-5
   # 0: a box is its 2 corner tokens; n >= 2: an n x n grid of positive points over it.
@@ -140,7 +143,7 @@ class PixelLLMConfig:
     """Whether the parameter at `path` (names below 'params') trains."""
     if not path or path[0] not in self.frozen:
       return True
-    return is_lora_path(path)
+    return not self.frozen_lora and is_lora_path(path)
 
 
 def box_grid_points(boxes_x4: jax.Array, points_per_side: int) -> jax.Array:
