@@ -293,3 +293,36 @@ def test_a_tensor_of_the_wrong_rank_is_named_with_its_key(sources, tmp_path):
   torch.save(state, path)
   with pytest.raises(common.ConversionError, match=r"patch_embed.proj.weight \(64, 192\)"):
     main([f"--model_gin={sources['gin']}", f"--eva02={path}", f"--out={tmp_path / 'out'}"])
+
+
+@pytest.mark.skipif(not HAS_SAM, reason="needs the SAM importer")
+def test_a_model_with_a_mask_head_gets_sams_mask_decoder(sources, tmp_path):
+  # Referring segmentation starts from SAM's mask decoder (frozen, official refseg): --sam
+  # then converts it too, into the composer's `mask_decoder`, the same leaves as the SAM
+  # importer's own conversion of that component.
+  head = ["--gin.PixelLLMConfig.mask_head=@MaskHeadConfig()",
+          "--gin.MaskHeadConfig.decoder=@MaskDecoderConfig()",
+          "--gin.MaskHeadConfig.adapter_num_heads=4", "--gin.MaskHeadConfig.adapter_mlp_dim=64",
+          "--gin.MaskDecoderConfig.transformer_dim=32",
+          "--gin.MaskDecoderConfig.transformer_num_heads=4",
+          "--gin.MaskDecoderConfig.transformer_mlp_dim=64",
+          "--gin.MaskDecoderConfig.iou_head_hidden_dim=24"]
+  gin.clear_config()
+  try:
+    assembled = main(_args(sources, tmp_path / "init", *head))
+    model = build_model([sources["gin"]], [b[len("--gin."):] for b in head])
+  finally:
+    gin.clear_config()
+  assert set(assembled.params) == {"t5", "eva02", "sam", "prompt_encoder", "mask_decoder"}
+  from pixelllm_jax.convert import sam as convert_sam  # noqa: PLC0415 (optional importer)
+  configs = convert_sam.SamConfigs(image_encoder=model.config.sam,
+                                   prompt_encoder=model.config.prompt_encoder,
+                                   mask_decoder=model.config.mask_head.decoder)
+  alone = convert_sam.convert_hf_sam(common.load_state_dict(sources["sam"]), configs,
+                                     components=("mask_decoder",)).mask_decoder
+  got, want = _flat(assembled.params["mask_decoder"]), _flat(alone)
+  assert got.keys() == want.keys() and len(got) > 20
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  rows = {name: written for name, _, written, _ in assembled.summary_rows()}
+  assert rows["mask_decoder"] > 0 and rows["mask_adapter"] == 0   # the adapter starts fresh

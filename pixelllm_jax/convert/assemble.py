@@ -139,11 +139,13 @@ def convert_eva02(path: str, config) -> tuple[dict, common.ConversionReport]:
 
 
 def convert_sam(path: str, fmt: str, config: PixelLLMConfig
-                ) -> tuple[dict, dict, common.ConversionReport]:
-  """(image encoder params, prompt encoder params, report) from a SAM checkpoint.
+                ) -> tuple[dict[str, dict], common.ConversionReport]:
+  """({submodule: params}, report) from a SAM checkpoint: 'sam' (the image encoder) and
+  'prompt_encoder', and 'mask_decoder' when the model has a mask head (referring
+  segmentation starts from SAM's decoder, frozen, as the official refseg configs).
 
   `fmt` 'auto': a directory is a Hugging Face SamModel, a file the original `.pth`.
-  The mask decoder is not part of PixelLLM's composer; its keys are reported as ignored.
+  Without a mask head the mask decoder's keys are reported as ignored.
   """
   try:
     from pixelllm_jax.convert import sam as convert_sam  # pylint: disable=import-outside-toplevel
@@ -153,13 +155,20 @@ def convert_sam(path: str, fmt: str, config: PixelLLMConfig
     raise AssemblyError("--sam given but the model config has no SAM tower (PixelLLMConfig.sam)")
   if fmt == "auto":
     fmt = "hf" if os.path.isdir(path) else "original"
+  components = ("image_encoder", "prompt_encoder")
+  decoder = convert_sam.MaskDecoderConfig()
+  if config.mask_head is not None:
+    components += ("mask_decoder",)
+    decoder = config.mask_head.decoder
   configs = convert_sam.SamConfigs(image_encoder=config.sam,
-                                   prompt_encoder=config.prompt_encoder,
-                                   mask_decoder=convert_sam.MaskDecoderConfig())
+                                   prompt_encoder=config.prompt_encoder, mask_decoder=decoder)
   state_dict = common.load_state_dict(path)
   fn = convert_sam.convert_hf_sam if fmt == "hf" else convert_sam.convert_original_sam
-  out = fn(state_dict, configs, components=("image_encoder", "prompt_encoder"))
-  return out.image_encoder, out.prompt_encoder, out.report
+  out = fn(state_dict, configs, components=components)
+  trees = {"sam": out.image_encoder, "prompt_encoder": out.prompt_encoder}
+  if "mask_decoder" in components:
+    trees["mask_decoder"] = out.mask_decoder
+  return trees, out.report
 
 
 # ---- checks and LoRA ---------------------------------------------------------------------------
@@ -224,8 +233,8 @@ def assemble(model: PixelLLMModel, sources: Sources, *, seed: int = 0) -> Assemb
       raise AssemblyError("--eva02 given but the model config has no EVA02 tower")
     trees["eva02"], reports["eva02"] = convert_eva02(sources.eva02, cfg.eva02)
   if sources.sam:
-    trees["sam"], trees["prompt_encoder"], reports["sam"] = convert_sam(
-        sources.sam, sources.sam_format, cfg)
+    sam_trees, reports["sam"] = convert_sam(sources.sam, sources.sam_format, cfg)
+    trees.update(sam_trees)
   if not trees:
     raise AssemblyError("nothing to convert: give at least one of --t5, --sam, --eva02")
   check_against_model(trees, shapes)
