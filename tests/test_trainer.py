@@ -64,6 +64,19 @@ def test_init_checkpoint_loads_params_only(tmp_path):
                jax.device_get(base.state.params["logits"]))
   assert int(fresh.state.step) == 0
 
+  # Several, in order: a later checkpoint's leaves win, the others' stay.
+  ckpt.save_params(str(tmp_path / "logits"), {"logits": jax.device_get(source.state.params["logits"]),
+                                               "t5": jax.device_get(base.state.params["t5"])})
+  both = _train(tmp_path / "both", 0, init_checkpoint=(str(tmp_path / "imported"),
+                                                       str(tmp_path / "logits")))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(both.state.params),
+               {**jax.device_get(base.state.params),
+                "logits": jax.device_get(source.state.params["logits"])})
+  first_only = _train(tmp_path / "first_only", 0, init_checkpoint=[str(tmp_path / "logits"),
+                                                                   str(tmp_path / "imported")])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(first_only.state.params["t5"]),
+               jax.device_get(source.state.params["t5"]))
+
 
 TOY_GIN = """
 import test_train_step

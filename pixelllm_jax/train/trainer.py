@@ -47,7 +47,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -298,7 +298,7 @@ def train(
     log_every: int = 50,
     checkpoint_every: int = 1000,
     keep_checkpoints: int | None = 3,
-    init_checkpoint: str | None = None,
+    init_checkpoint: str | Sequence[str] | None = None,
     max_nonfinite_steps: int = 10,
     num_microbatches: int = 1,
     run_record: Mapping[str, str] | None = None,
@@ -312,8 +312,11 @@ def train(
       metrics.jsonl (model_dir/train) go here.
     partitioner: mesh and rules (default: all devices, rule set 'dp').
     seed: init key `split(key(seed))[0]`, dropout keys from `split(...)[1]`.
-    init_checkpoint: a bare params tree (`checkpoint.save_params`) loaded over
-      the fresh init; ignored when `model_dir` already has a checkpoint.
+    init_checkpoint: a bare params tree (`checkpoint.save_params`, what `convert`
+      writes) or a previous run's model dir, loaded over the fresh init; or a
+      sequence of them, loaded in order (a later one's leaves win: e.g. SAM's
+      converted mask decoder, then the referring run). Ignored when `model_dir`
+      already has a checkpoint.
     max_nonfinite_steps: consecutive steps with a non-finite loss or gradient
       (their updates skipped) after which the run stops with `TrainingDiverged`.
     num_microbatches: accumulate each step's gradient over this many micro-batches
@@ -368,10 +371,10 @@ def _train(*, model_dir, model, train_data, num_steps, optimizer, partitioner, s
     print(f"Resumed from {model_dir} at step {int(state.step)}", flush=True)
   else:
     state = spec.init(init_rng)
-    if init_checkpoint:
-      state = state.replace(
-          params=ckpt.load_params(init_checkpoint, state.params, shardings.params))
-      print(f"Loaded initial params from {init_checkpoint}", flush=True)
+    paths = [init_checkpoint] if isinstance(init_checkpoint, str) else init_checkpoint or ()
+    for path in paths:
+      state = state.replace(params=ckpt.load_params(path, state.params, shardings.params))
+      print(f"Loaded initial params from {path}", flush=True)
 
   train_step = make_train_step(model, optimizer, partitioner=partitioner,
                                state_shardings=shardings, num_microbatches=num_microbatches)
