@@ -211,7 +211,8 @@ def test_refcoco_run_config(xl):
     gin.clear_config()
 
 
-@pytest.mark.parametrize("run", ["trace_t5_xl", "refcoco_t5_xl", "vg_loca_t5_xl", "joint_t5_xl"])
+@pytest.mark.parametrize("run", ["trace_t5_xl", "refcoco_t5_xl", "refseg_t5_xl", "vg_loca_t5_xl",
+                                 "joint_t5_xl"])
 def test_paper_runs_train_and_evaluate_fsdp_over_every_device(run):
   # The templates' `dp` default replicates 3.9 B parameters per chip, which no v5e chip holds
   # (README, "Scale"); every paper run file must end on the FSDP layout.
@@ -222,6 +223,26 @@ def test_paper_runs_train_and_evaluate_fsdp_over_every_device(run):
         "data": 1, "fsdp": 8, "model": 1}
   finally:
     gin.clear_config()
+
+
+def test_refseg_run_trains_the_loc_head_and_the_mask_adapter_only():
+  _parse(["runs/refseg_t5_xl.gin"], ["MODEL_DIR = '/tmp/never'"])
+  try:
+    model = configurables.REGISTERED["PixelLLMModel"][1]()
+    q = lambda name: copy.deepcopy(gin.query_parameter(name))  # noqa: E731
+    assert dict(q("make_optimizer.lr_multipliers")) == {"mask_adapter": 10.0}
+    assert q("train.num_steps") == 60_000 and q("make_optimizer.warmup_steps") == 500
+    assert q("train_data.mixture") == (("refseg", 1.0),)
+    params = assemble.abstract_params(model)
+  finally:
+    gin.clear_config()
+  leaves = [(path_of(kp), x) for kp, x in jax.tree_util.tree_leaves_with_path(params)]
+  trains = {p[0] for p, _ in leaves if model.trainable(p)}
+  assert trains == {"loc_head", "mask_adapter"}
+  assert any(p[-1] in LORA_PARAM_NAMES for p, _ in leaves)   # present, frozen
+  # The paper's mask branch: SAM's decoder at width 256 (about 4.1 M) and the adapter.
+  decoder = sum(int(np.prod(x.shape)) for p, x in leaves if p[0] == "mask_decoder")
+  assert 3.9e6 < decoder < 4.3e6, decoder
 
 
 # ---- tokenizer: a T5-style sentencepiece model gives the 32128-wide logit layer ----------------
