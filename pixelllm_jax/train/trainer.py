@@ -194,12 +194,13 @@ def make_train_step(model: BaseModel, optimizer: optax.GradientTransformation, *
     # non-finite (Adam's moments, the global-norm clip).
     finite = jnp.isfinite(loss) & all_finite(updates)
     params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-    )
+    # One conditional picks the whole new or old (params, opt_state). A `jnp.where` per leaf
+    # computes the same, but XLA's CPU compiler took superlinear time in the number of such
+    # selects sharing one predicate: the demo model with the mask head (about 450 parameter
+    # leaves, each with two Adam moments) compiled its train step in 452 s, 39 s this way.
+    params, opt_state = jax.lax.cond(finite, lambda: (params, opt_state),
+                                     lambda: (state.params, state.opt_state))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, {**metrics, "loss": loss, "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
   replicated = partitioner.replicated
