@@ -190,9 +190,13 @@ class Normalizers:
   mask: jax.Array
 
 
+def _slots_of(task_ids_BxN: jax.Array, names: tuple[str, ...]) -> jax.Array:
+  """bool[B, N]: the slots whose task is one of `names`."""
+  return jnp.isin(task_ids_BxN, jnp.asarray([tasks.TASK_ID[t] for t in names]))
+
+
 def _giou_weights(batch: Batch, config: LossConfig) -> jax.Array:
-  ids = jnp.asarray([tasks.TASK_ID[t] for t in config.box_giou_tasks])
-  in_tasks = jnp.isin(batch.task_ids, ids)
+  in_tasks = _slots_of(batch.task_ids, config.box_giou_tasks)
   return batch.point_weights.astype(jnp.float32) * in_tasks[..., None]
 
 
@@ -200,8 +204,7 @@ def _mask_weights(batch: Batch) -> jax.Array:
   """float32[B, N, 1]: 1 for the slots of mask tasks when the batch carries mask targets."""
   if batch.mask_targets is None or not MASK_TASKS:
     return jnp.zeros((*batch.task_ids.shape, 1), jnp.float32)
-  ids = jnp.asarray([tasks.TASK_ID[t] for t in MASK_TASKS])
-  return jnp.isin(batch.task_ids, ids).astype(jnp.float32)[..., None]
+  return _slots_of(batch.task_ids, MASK_TASKS).astype(jnp.float32)[..., None]
 
 
 def normalizers(batch: Batch, config: LossConfig = LossConfig()) -> Normalizers:
