@@ -279,10 +279,11 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
     examples = ds.map_with_index(_TrainExample(tokenizer, config, n, k, key, canvas_size, masks))
     return examples.batch(batch_size, drop_remainder=True, batch_fn=_stack_named)
 
-  per_source, weights = [], []
+  per_source, weights, names = [], [], []
   for i, source in enumerate(sources):
     task, data_source, weight, augment, shape = TaskSource(*source)
     tasks.get(task)  # an unknown task fails here, naming the known ones
+    names.append(task)
     if augment is not None and canvas_size is None:
       raise ValueError(f"source {i} ({task}) is augmented: give canvas_size")
     if shape is not None and not homogeneous:
@@ -306,7 +307,7 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
   mixed = grain.MapDataset.mix(per_source, weights)
   batches = mixed if homogeneous else to_batches(
       mixed, task_config, num_slots, num_prompts, (seed, shard_index),
-      with_masks([TaskSource(*s).task for s in sources]))
+      with_masks(names))
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1))
   iter_ds = batches.to_iter_dataset(read_options)
   if worker_count > 0:
