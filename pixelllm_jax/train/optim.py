@@ -198,9 +198,12 @@ def scale_by_submodule(multipliers: Mapping[str, float]) -> optax.GradientTransf
     if missing:
       raise ValueError(f"lr_multipliers name {missing}, not at the top of the parameter tree "
                        f"(keys: {sorted(updates)})")
-    scaled = {name: (jax.tree.map(lambda u, f=multipliers[name]: (u * f).astype(u.dtype), tree)
-                     if name in multipliers else tree) for name, tree in updates.items()}
-    return type(updates)(scaled) if not isinstance(updates, dict) else scaled, state
+
+    def scaled(kp, u):
+      factor = multipliers.get(path_of(kp)[0])
+      return u if factor is None else (u * factor).astype(u.dtype)
+
+    return jax.tree_util.tree_map_with_path(scaled, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
