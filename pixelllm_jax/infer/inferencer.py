@@ -194,7 +194,8 @@ class Inferencer:
         "text": self.loaded.tokenizer.decode(tokens.tolist()), "words": words, "scores": {},
         "checkpoint": {"path": self.loaded.source, "step": self.loaded.step},
         "canvas": {"size": self.canvas_size,
-                   "image_hw": [int(round(float(v) * self.canvas_size)) for v in valid_hw]},
+                   "image_hw": list(segmentation.valid_extent(
+                       valid_hw, (self.canvas_size, self.canvas_size)))},
     }
     mask = None
     if kind == "expression":

@@ -39,6 +39,12 @@ def resize_bilinear(x_HxW: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
   return rows[:, w_lo] * (1 - fw)[None] + rows[:, w_hi] * fw[None]
 
 
+def valid_extent(valid_hw: np.ndarray, canvas_hw: tuple[int, int]) -> tuple[int, int]:
+  """(rows, cols) of the canvas that hold the image (`Batch.image_valid_hw`), at least 1 each."""
+  return (max(1, int(round(float(valid_hw[0]) * canvas_hw[0]))),
+          max(1, int(round(float(valid_hw[1]) * canvas_hw[1]))))
+
+
 def logits_to_mask(logits_hxw: np.ndarray, canvas_hw: tuple[int, int], valid_hw: np.ndarray,
                    original_hw: tuple[int, int]) -> np.ndarray:
   """bool[H0, W0]: one slot's predicted mask on its original image.
@@ -50,8 +56,7 @@ def logits_to_mask(logits_hxw: np.ndarray, canvas_hw: tuple[int, int], valid_hw:
     original_hw: the image's size before it was put on the canvas.
   """
   canvas = resize_bilinear(logits_hxw, canvas_hw)
-  vh = max(1, int(round(float(valid_hw[0]) * canvas_hw[0])))
-  vw = max(1, int(round(float(valid_hw[1]) * canvas_hw[1])))
+  vh, vw = valid_extent(valid_hw, canvas_hw)
   return resize_bilinear(canvas[:vh, :vw], original_hw) > 0
 
 

@@ -75,8 +75,7 @@ def make_slots(record: dict, tokenizer: base.TextEncoder, config: base.TaskConfi
 def _picture(image: np.ndarray, valid_hw, pred_mask: np.ndarray, pred_box, gt_box,
              label: str) -> np.ndarray:
   """The image (its valid part) with the predicted mask tinted red and both boxes."""
-  vh = int(round(float(valid_hw[0]) * image.shape[0]))
-  vw = int(round(float(valid_hw[1]) * image.shape[1]))
+  vh, vw = segmentation.valid_extent(valid_hw, image.shape[:2])
   image = image[:vh, :vw].astype(np.float32)
   mask = segmentation.resize_bilinear(pred_mask.astype(np.float32), (vh, vw)) > 0.5
   tint = np.asarray(visualize.PRED_COLOUR, np.float32)
