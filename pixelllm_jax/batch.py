@@ -45,6 +45,11 @@ class Batch:
   # one). Only batches that hold a mask task carry it (tasks.base.Task.mask_loss); None
   # elsewhere, so other batches neither carry nor compute masks.
   mask_targets: Array | None = None
+  # Detection targets (the box decoder of dense captioning): every ground-truth box of
+  # the image, float32[B, G, 4] xyxy, and which are real, bool[B, G]. Only batches that
+  # hold a detection task carry them (tasks.base.Task.detection_boxes); None elsewhere.
+  det_boxes: Array | None = None
+  det_valid: Array | None = None
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -60,6 +65,10 @@ class Output:
   # The mask head's, when asked for (models/heads/mask.py), else None:
   mask_logits: Array | None = None  # float32[B, N, 4h, 4w]: low-res logits over the canvas
   mask_iou: Array | None = None     # float32[B, N]: the mask's predicted IoU
+  # The box decoder's training losses, when the batch carries detection targets
+  # (models/heads/detection.py): name -> float32[], already divided by the batch's
+  # (or the whole batch's, for a micro-batch) normalizers; 'det_loss' is their weighted sum.
+  det_losses: dict | None = None
 
 
 def shift_right(target_tokens: np.ndarray) -> np.ndarray:

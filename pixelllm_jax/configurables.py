@@ -22,6 +22,7 @@ from pixelllm_jax.model import DecodeSettings, PixelLLMModel
 from pixelllm_jax.models import t5
 from pixelllm_jax.models.eva02 import EVA02Config
 from pixelllm_jax.models.heads.localization import LocHeadConfig
+from pixelllm_jax.models.heads.detection import BoxHeadConfig
 from pixelllm_jax.models.heads.mask import MaskHeadConfig
 from pixelllm_jax.models.mask_decoder import MaskDecoderConfig
 from pixelllm_jax.models.pixel_llm import PixelLLMConfig
@@ -61,6 +62,7 @@ for _target, _name in (
     (LocHeadConfig, "LocHeadConfig"),
     (MaskDecoderConfig, "MaskDecoderConfig"),
     (MaskHeadConfig, "MaskHeadConfig"),
+    (BoxHeadConfig, "BoxHeadConfig"),
     (losses.LossConfig, "LossConfig"),
     # How it is laid out and computed.
     (partitioning.Partitioner, "Partitioner"),

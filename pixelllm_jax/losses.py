@@ -49,6 +49,7 @@ loss, its gradient and every metric equal the whole batch's; averaging the
 parts' own means would not (parts with fewer tokens would weigh as much).
 """
 import dataclasses
+from typing import Any
 
 import flax.struct
 import jax
@@ -72,6 +73,7 @@ class LossConfig:
   mask_iou_weight: float = 1.0
   mask_focal_alpha: float = 0.5
   mask_focal_gamma: float = 2.0
+  det_loss_weight: float = 1.0
 
   def __post_init__(self):
     if self.box_giou_tasks is None:
@@ -183,11 +185,14 @@ class Normalizers:
 
   text: caption weights. point: point weights. giou: point weights of `box_giou_tasks` slots.
   mask: slots of mask tasks, in batches that carry mask targets.
+  det: the box decoder's denominators (`detection.normalizers`, filled by the model,
+    which knows the decoder's config), in batches that carry detection targets; else None.
   """
   text: jax.Array
   point: jax.Array
   giou: jax.Array
   mask: jax.Array
+  det: Any = None
 
 
 def _slots_of(task_ids_BxN: jax.Array, names: tuple[str, ...]) -> jax.Array:
@@ -242,6 +247,25 @@ def _mask_loss(output: Output, batch: Batch, config: LossConfig, own: Normalizer
   return loss, metrics
 
 
+DET_TERMS = ("det_loss", "det_heatmap", "det_regression", "det_roi_cls", "det_roi_reg")
+
+
+def _det_loss(output: Output, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(the box decoder's loss, its terms); zeros with zero counts for a batch without
+  detection targets. The terms come divided by the whole batch's normalizers; their count
+  is this part's images that have a ground-truth box."""
+  zero = jnp.zeros((), jnp.float32)
+  if batch.det_boxes is None:
+    return zero, {k: zero for name in DET_TERMS for k in (name, COUNT_PREFIX + name)}
+  if output.det_losses is None:
+    raise ValueError("the batch has detection targets but the model gave no detection "
+                     "losses (PixelLLMConfig.box_head)")
+  images = jnp.sum(jnp.any(batch.det_valid, axis=-1)).astype(jnp.float32)
+  metrics = {name: output.det_losses[name].astype(jnp.float32) for name in DET_TERMS}
+  metrics.update({COUNT_PREFIX + name: images for name in DET_TERMS})
+  return metrics["det_loss"], metrics
+
+
 def compute_losses(
     output: Output, batch: Batch, config: LossConfig = LossConfig(),
     whole: Normalizers | None = None,
@@ -277,6 +301,8 @@ def compute_losses(
     box_metrics = {"giou_loss": giou, COUNT_PREFIX + "giou_loss": own.giou[-1]}
   mask_loss, mask_metrics = _mask_loss(output, batch, config, own, whole)
   total = total + config.mask_loss_weight * mask_loss
+  det_loss, det_metrics = _det_loss(output, batch)
+  total = total + config.det_loss_weight * det_loss
   correct = (jnp.argmax(output.logits, axis=-1) == batch.decoder_target_tokens)
   metrics = {
       "loss": total,
@@ -288,6 +314,7 @@ def compute_losses(
       COUNT_PREFIX + "point_loss": own.point[-1],
       **box_metrics,
       **mask_metrics,
+      **det_metrics,
   }
   for i, name in enumerate(tasks.TASKS):
     metrics[f"slots/{name}"] = jnp.sum(batch.task_ids == i).astype(jnp.float32)

@@ -7,6 +7,7 @@ the composer's call signature, the losses or how decoding works:
   loss_normalizers(batch)        -> what the loss's averages divide by (no params)
   loss_share(params, part, rng, normalizers) -> a micro-batch's additive share of the loss
   predict(params, batch, settings) -> Predictions (tokens, per-token points, boxes, masks)
+  dense_caption(params, batch, settings) -> Predictions of the model's own detections
   score(params, batch)           -> float32[B, N] log-likelihood of each slot's target
   trainable(path)                -> whether a parameter trains (the freezing switch)
   check_batch(batch)             -> raises at start-up when the data does not fit the model
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 
 from pixelllm_jax import beam_search, decoding, losses, partitioning
 from pixelllm_jax.batch import EOS_ID, Batch, Output
+from pixelllm_jax.models.heads import detection as detection_lib
 from pixelllm_jax.models.heads.localization import points_at, points_to_boxes
 from pixelllm_jax.models.pixel_llm import PixelLLM, PixelLLMConfig
 
@@ -74,12 +76,17 @@ class Predictions:
     canvas, segmenting each slot from its box (teacher forced, models with a
     mask head; else None).
   mask_iou: float32[B, N]: the mask head's predicted IoU of each mask (or None).
+  scores, valid: float32[B, N] and bool[B, N] (`dense_caption` only, else None):
+    slot n is detection n, `boxes` its box (not read from the points), `scores`
+    its detection score, `valid` whether it is a detection or padding.
   """
   tokens: jax.Array
   points: jax.Array
   boxes: jax.Array
   mask_logits: jax.Array | None = None
   mask_iou: jax.Array | None = None
+  scores: jax.Array | None = None
+  valid: jax.Array | None = None
 
 
 class BaseModel(abc.ABC):
@@ -112,6 +119,10 @@ class BaseModel(abc.ABC):
 
   def score(self, params: Any, batch: Batch) -> jax.Array:
     raise NotImplementedError(f"{type(self).__name__} does not score")
+
+  def dense_caption(self, params: Any, batch: Batch, settings: DecodeSettings) -> Predictions:
+    """Detects the regions of `batch.image` and captions each (dense captioning)."""
+    raise NotImplementedError(f"{type(self).__name__} does not caption densely")
 
   def trainable(self, path: Sequence[str]) -> bool:
     """Whether the parameter at `path` (names below 'params') trains."""
@@ -162,8 +173,13 @@ class PixelLLMModel(BaseModel):
     # so its parameters exist when the first batch carries no masks.
     positions = (None if self.config.mask_head is None
                  else _end_index(batch.decoder_target_tokens))
+    # Likewise the box decoder's, from one placeholder box per image.
+    det = {}
+    if self.config.box_head is not None:
+      b = batch.image.shape[0]
+      det = dict(det_boxes=jnp.zeros((b, 1, 4), jnp.float32), det_valid=jnp.zeros((b, 1), bool))
     variables = self.module.init({"params": rng, "dropout": rng}, **_inputs(batch), train=False,
-                                 mask_positions=positions)
+                                 mask_positions=positions, **det)
     return self.dtype.cast_params(variables["params"])
 
   def abstract_batch(self, batch_size: int = 1, num_slots: int = 1, num_prompts: int = 1,
@@ -184,10 +200,12 @@ class PixelLLMModel(BaseModel):
         point_weights=s((b, n, length), jnp.float32), task_ids=s((b, n), jnp.int32))
 
   def apply(self, params: Any, batch: Batch, *, train: bool = False,
-            rng: jax.Array | None = None, masks: bool | None = None) -> Output:
+            rng: jax.Array | None = None, masks: bool | None = None,
+            det_normalizers: Any = None) -> Output:
     """The teacher-forced forward pass (logits, points and hidden states), with each
     slot's mask read from its box at the target's EOS position when `masks` (default:
-    when the batch carries mask targets)."""
+    when the batch carries mask targets), and the box decoder's losses when the batch
+    carries detection targets (divided by `det_normalizers`, default the batch's own)."""
     if masks is None:
       masks = batch.mask_targets is not None
     if masks and self.config.mask_head is None:
@@ -196,18 +214,24 @@ class PixelLLMModel(BaseModel):
     positions = _end_index(batch.decoder_target_tokens) if masks else None
     rngs = {"dropout": rng} if rng is not None else None
     return self.module.apply({"params": params}, **_inputs(batch), train=train, rngs=rngs,
-                             mask_positions=positions)
+                             mask_positions=positions, det_boxes=batch.det_boxes,
+                             det_valid=batch.det_valid, det_normalizers=det_normalizers)
 
   def loss(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
     output = self.apply(params, batch, train=True, rng=rng)
     return losses.compute_losses(output, batch, self.loss_config)
 
   def loss_normalizers(self, batch: Batch) -> losses.Normalizers:
-    return losses.normalizers(batch, self.loss_config)
+    own = losses.normalizers(batch, self.loss_config)
+    if batch.det_boxes is None or self.config.box_head is None:
+      return own
+    return own.replace(det=detection_lib.normalizers(
+        batch.det_boxes, batch.det_valid, batch.image_valid_hw, self.config.fused_hw,
+        self.config.box_head))
 
   def loss_share(self, params: Any, batch: Batch, rng: jax.Array,
                  normalizers: losses.Normalizers) -> tuple[jax.Array, dict]:
-    output = self.apply(params, batch, train=True, rng=rng)
+    output = self.apply(params, batch, train=True, rng=rng, det_normalizers=normalizers.det)
     return losses.compute_losses(output, batch, self.loss_config, whole=normalizers)
 
   def predict(self, params: Any, batch: Batch, settings: DecodeSettings) -> Predictions:
@@ -225,16 +249,31 @@ class PixelLLMModel(BaseModel):
     encoded = self.module.apply(variables, batch.image, batch.image_valid_hw, batch.prompt_boxes,
                                 batch.prompt_index, batch.context_tokens,
                                 method=PixelLLM.encode)
-    if settings.mode == "beam" or settings.suppress_repeat:
-      decoded = beam_search.beam_search_pixel_llm(
-          self.module, variables, encoded, settings.max_len, beam_size=settings.beam_size,
-          alpha=settings.alpha, suppress_repeat=settings.suppress_repeat)
-    else:
-      decoded = decoding.greedy_decode_pixel_llm(self.module, variables, encoded,
-                                                 settings.max_len)
+    decoded = self._decode(variables, encoded, settings)
     # The last word sits just before EOS (the point read after it, as in training).
     boxes = points_to_boxes(points_at(decoded.points, _end_index(decoded.tokens) - 1))
     return Predictions(tokens=decoded.tokens, points=decoded.points, boxes=boxes)
+
+  def dense_caption(self, params: Any, batch: Batch, settings: DecodeSettings) -> Predictions:
+    """Every detection of each image (D = BoxHeadConfig.max_detections, padded) captioned
+    with the text prompt of the batch's first slot ("an object of": dense captioning's),
+    decoded as `settings` says (greedy or beam)."""
+    if settings.mode == "teacher_forced":
+      raise ValueError("dense_caption generates its captions: mode 'greedy' or 'beam'")
+    variables = {"params": params}
+    detections, encoded = self.module.apply(
+        variables, batch.image, batch.image_valid_hw, batch.context_tokens[:, 0],
+        method=PixelLLM.detect_and_encode)
+    decoded = self._decode(variables, encoded, settings)
+    return Predictions(tokens=decoded.tokens, points=decoded.points, boxes=detections.boxes,
+                       scores=detections.scores, valid=detections.valid)
+
+  def _decode(self, variables: Any, encoded: Any, settings: DecodeSettings):
+    if settings.mode == "beam" or settings.suppress_repeat:
+      return beam_search.beam_search_pixel_llm(
+          self.module, variables, encoded, settings.max_len, beam_size=settings.beam_size,
+          alpha=settings.alpha, suppress_repeat=settings.suppress_repeat)
+    return decoding.greedy_decode_pixel_llm(self.module, variables, encoded, settings.max_len)
 
   def score(self, params: Any, batch: Batch) -> jax.Array:
     """float32[B, N]: sum of log p(target token) over each slot's non-pad targets."""
@@ -269,6 +308,9 @@ class PixelLLMModel(BaseModel):
       if tuple(batch.mask_targets.shape[2:]) != (size, size):
         raise ValueError(f"mask targets {tuple(batch.mask_targets.shape[2:])} are not on the "
                          f"{size}x{size} canvas")
+    if batch.det_boxes is not None and self.config.box_head is None:
+      raise ValueError("the data carries detection targets (a detection task such as densecap) "
+                       "but the model has no box decoder: give PixelLLMConfig.box_head")
     points = batch.point_targets.shape[-2]
     if points != self.config.loc_head.points_per_token:
       raise ValueError(f"the data has {points} points per token (TaskConfig.points_per_token) "

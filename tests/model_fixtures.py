@@ -13,6 +13,7 @@ from pixelllm_jax.batch import Batch, shift_right
 from pixelllm_jax.tasks import TASKS
 from pixelllm_jax.lora import LoraConfig
 from pixelllm_jax.models.eva02 import EVA02Config
+from pixelllm_jax.models.heads.detection import BoxHeadConfig
 from pixelllm_jax.models.heads.localization import LocHeadConfig
 from pixelllm_jax.models.heads.mask import MaskHeadConfig
 from pixelllm_jax.models.mask_decoder import MaskDecoderConfig
@@ -68,6 +69,15 @@ def toy_mask_head(**kwargs) -> MaskHeadConfig:
       adapter_num_heads=2, adapter_mlp_dim=32, **kwargs)
 
 
+def toy_box_head(**kwargs) -> BoxHeadConfig:
+  """A box decoder at toy width over the toy model's 4x4 fused map: levels of stride 4 and 8 px,
+  one conv per tower, 8 proposals, a 16-wide ROI stage on 8 sampled ROIs, 4 detections."""
+  settings = dict(width=16, scales=(2.0, 1.0), extra_levels=0, head_convs=1,
+                  num_proposals_train=8, num_proposals_test=8, roi_size=3, roi_fc=16,
+                  roi_samples=8, max_detections=4)
+  return BoxHeadConfig(**{**settings, **kwargs})
+
+
 def _tokens_with_eos(r: np.random.RandomState, shape: tuple[int, ...], max_words: int,
                      min_words: int = 1) -> np.ndarray:
   """int32[*shape, max_words + 1]: random words, EOS, then 0-padding; random lengths."""
@@ -81,20 +91,23 @@ def _tokens_with_eos(r: np.random.RandomState, shape: tuple[int, ...], max_words
 
 
 def random_batch(seed: int, *, b: int = 2, k: int = 2, n: int = 3, l: int = 6, lc: int = 4,
-                 p: int = POINTS, image_size: int = IMAGE_SIZE, masks: bool = False) -> Batch:
+                 p: int = POINTS, image_size: int = IMAGE_SIZE, masks: bool = False,
+                 detections: int = 0) -> Batch:
   """A random but well-formed numpy Batch.
 
   Context tokens: 1..lc-1 words, EOS, 0-padding. Decoder targets: 1..l-1 words, EOS, 0-padding;
   inputs are the targets shifted right (t5x). Caption weights mark non-pad targets, point weights
   a random subset of them; prompt boxes are valid xyxy in [0, 1]. `masks`: random target masks
-  (drawn after everything else, so the other fields do not change).
+  (drawn after everything else, so the other fields do not change). `detections` = G > 0:
+  G random ground-truth boxes per image (of 4-16 px at the toy size), some rows' last ones
+  invalid, drawn after the masks.
   """
   r = np.random.RandomState(seed)
   corners = np.sort(r.rand(b, k, 2, 2), axis=2)           # [B, K, (lo, hi), xy]
   boxes = np.concatenate([corners[:, :, 0], corners[:, :, 1]], axis=-1).astype(np.float32)
   targets = _tokens_with_eos(r, (b, n), l - 1)
   text_w = (targets > 0).astype(np.float32)
-  return Batch(
+  batch = Batch(
       image=r.randint(0, 256, size=(b, image_size, image_size, 3)).astype(np.uint8),
       image_valid_hw=r.uniform(0.5, 1.0, size=(b, 2)).astype(np.float32),
       prompt_boxes=boxes,
@@ -108,6 +121,13 @@ def random_batch(seed: int, *, b: int = 2, k: int = 2, n: int = 3, l: int = 6, l
       task_ids=r.randint(0, len(TASKS), size=(b, n)).astype(np.int32),
       mask_targets=r.rand(b, n, image_size, image_size) > 0.6 if masks else None,
   )
+  if not detections:
+    return batch
+  size = r.uniform(0.12, 0.5, size=(b, detections, 2))
+  lo = r.uniform(0.0, 1.0 - size)
+  det_valid = np.arange(detections)[None, :] < r.randint(1, detections + 1, size=(b, 1))
+  return batch.replace(det_boxes=np.concatenate([lo, lo + size], -1).astype(np.float32),
+                       det_valid=det_valid)
 
 
 def as_jnp(batch: Batch) -> Batch:

@@ -166,4 +166,4 @@ def test_refer_loca_one_slot_per_expression_with_its_object_box_as_prompt():
 
 def test_make_slots_rejects_unknown_task():
   with pytest.raises(ValueError, match="unknown task"):
-    tasks.make_slots("densecap", {}, WordTokenizer(), tasks.TaskConfig())
+    tasks.make_slots("llava", {}, WordTokenizer(), tasks.TaskConfig())

@@ -37,6 +37,13 @@ Choices:
   the stream's one task when homogeneous, any task of the mixture otherwise)
   carries `mask_targets` bool[B, N, H, W] on the image; other streams leave
   the field out (None in `Batch`), so they neither carry nor compute masks.
+- Detection targets, likewise: a stream that holds a detection task
+  (`Task.detection`: dense captioning) carries `det_boxes` float32[B, G, 4]
+  and `det_valid` bool[B, G], G = `TaskConfig.max_detection_boxes`: every
+  ground-truth box of the image after augmentation (`Task.detection_boxes`),
+  not only those of the slots drawn, so an undrawn region is never a
+  negative for the box decoder. Records of other tasks in such a stream
+  carry none (all invalid).
 - Features a task never reads (`Task.unread_features`, e.g. refer's
   per-object masks) are dropped from each record first: `sources` leaves them
   encoded, and dropped they are not resampled by augmentation either.
@@ -85,7 +92,8 @@ def _prompt_key(slot: Slot) -> tuple[float, ...]:
 def pack_example(image: np.ndarray, slots: Sequence[Slot], *, num_prompts: int,
                  num_slots: int, config: TaskConfig,
                  image_valid_hw: np.ndarray | None = None,
-                 with_masks: bool = False) -> dict[str, np.ndarray]:
+                 with_masks: bool = False,
+                 detection_boxes: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """One image and up to N slots -> the Batch fields without the batch dim.
 
   Returns image uint8[H, W, 3], image_valid_hw float32[2] (as given; default
@@ -96,7 +104,9 @@ def pack_example(image: np.ndarray, slots: Sequence[Slot], *, num_prompts: int,
   decoder_loss_weights float32[N, L], point_targets float32[N, L, P, 2],
   point_weights float32[N, L], task_ids int32[N] (EMPTY_SLOT for unused slots,
   which are otherwise all zero); with `with_masks`, mask_targets bool[N, H, W]
-  (each slot's `Slot.mask`, all False for slots without one).
+  (each slot's `Slot.mask`, all False for slots without one); with
+  `detection_boxes` (float32[M, 4], a detection stream's; M may be 0),
+  det_boxes float32[G, 4] and det_valid bool[G], the first G of them.
   """
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
@@ -145,6 +155,12 @@ def pack_example(image: np.ndarray, slots: Sequence[Slot], *, num_prompts: int,
         out["mask_targets"][n] = slot.mask
   elif any(slot.mask is not None for slot in slots):
     raise ValueError("slots with masks need with_masks=True (a mask task's stream)")
+  if detection_boxes is not None:
+    boxes = np.asarray(detection_boxes, np.float32).reshape(-1, 4)[:config.max_detection_boxes]
+    out["det_boxes"] = np.zeros((config.max_detection_boxes, 4), np.float32)
+    out["det_valid"] = np.zeros(config.max_detection_boxes, bool)
+    out["det_boxes"][:len(boxes)] = boxes
+    out["det_valid"][:len(boxes)] = True
   return {
       "image": image,
       "image_valid_hw": (np.ones(2, np.float32) if image_valid_hw is None
@@ -188,6 +204,20 @@ def with_masks(task_names: Sequence[str]) -> bool:
   return any(tasks.get(t).mask_loss for t in task_names)
 
 
+def with_detection(task_names: Sequence[str]) -> bool:
+  """Whether a batch stream over these tasks carries detection targets (module docstring)."""
+  return any(tasks.get(t).detection for t in task_names)
+
+
+def detection_boxes(task: str, record: dict, stream_has_detection: bool) -> np.ndarray | None:
+  """The detection targets `pack_example` takes for `record` of `task` in a stream
+  with or without them: None without, no boxes for a task that detects nothing."""
+  if not stream_has_detection:
+    return None
+  task_ = tasks.get(task)
+  return task_.detection_boxes(record) if task_.detection else np.zeros((0, 4), np.float32)
+
+
 def _record_name(task: str, index: int, record: dict) -> str:
   return f"{task} record {index} (image_id={record.get('image_id')!r})"
 
@@ -210,12 +240,12 @@ class _TrainExample:
 
   def __init__(self, tokenizer: TextEncoder, config: TaskConfig, num_slots: int,
                num_prompts: int, key: tuple[int, ...], canvas_size: int | None,
-               masks: bool = False):
+               masks: bool = False, detection: bool = False):
     self.tokenizer, self.config = tokenizer, config
     self.num_slots, self.num_prompts = num_slots, num_prompts
     self.key = tuple(key)
     self.canvas_size = canvas_size
-    self.masks = masks
+    self.masks, self.detection = masks, detection
 
   def __call__(self, index: int, tagged) -> tuple[str, dict[str, np.ndarray]]:
     task, record_index, source_record, augment = tagged
@@ -234,7 +264,8 @@ class _TrainExample:
         chosen.append(slots[i])
     example = pack_example(record["image"], chosen, num_prompts=self.num_prompts,
                            num_slots=self.num_slots, config=self.config, image_valid_hw=valid_hw,
-                           with_masks=self.masks)
+                           with_masks=self.masks,
+                           detection_boxes=detection_boxes(task, record, self.detection))
     return _record_name(task, record_index, source_record), example
 
 
@@ -275,8 +306,10 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
 
-  def to_batches(ds, config: TaskConfig, n: int, k: int, key: tuple[int, ...], masks: bool):
-    examples = ds.map_with_index(_TrainExample(tokenizer, config, n, k, key, canvas_size, masks))
+  def to_batches(ds, config: TaskConfig, n: int, k: int, key: tuple[int, ...],
+                 names: Sequence[str]):
+    examples = ds.map_with_index(_TrainExample(tokenizer, config, n, k, key, canvas_size,
+                                               with_masks(names), with_detection(names)))
     return examples.batch(batch_size, drop_remainder=True, batch_fn=_stack_named)
 
   per_source, weights, names = [], [], []
@@ -301,13 +334,12 @@ def make_train_dataset(sources: Sequence[TaskSource | tuple[str, Any, float]],
         n, k = shape.num_slots, shape.num_prompts
         config = dataclasses.replace(task_config, max_target_len=shape.max_target_len,
                                      max_context_len=shape.max_context_len)
-      ds = to_batches(ds, config, n, k, (seed, shard_index, 2, i), with_masks([task]))
+      ds = to_batches(ds, config, n, k, (seed, shard_index, 2, i), [task])
     per_source.append(ds)
     weights.append(float(weight))
   mixed = grain.MapDataset.mix(per_source, weights)
   batches = mixed if homogeneous else to_batches(
-      mixed, task_config, num_slots, num_prompts, (seed, shard_index),
-      with_masks(names))
+      mixed, task_config, num_slots, num_prompts, (seed, shard_index), names)
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1))
   iter_ds = batches.to_iter_dataset(read_options)
   if worker_count > 0:
@@ -329,20 +361,22 @@ def eval_batches(task_name: str, data_source, tokenizer: TextEncoder, task_confi
   lists (row, slot, meta) for the real slots only. The last batch is padded
   with empty rows (a zero image of the batch's size, task_ids = EMPTY_SLOT).
   """
-  pending: list[tuple[str, np.ndarray, list[Slot], np.ndarray | None]] = []
-  masks = with_masks([task_name])
+  pending: list[tuple[str, np.ndarray, list[Slot], np.ndarray | None, np.ndarray | None]] = []
+  masks, detection = with_masks([task_name]), with_detection([task_name])
 
   def flush():
     examples = [pack_example(image, row, num_prompts=num_prompts, num_slots=num_slots,
-                             config=task_config, image_valid_hw=valid_hw, with_masks=masks)
-                for _, image, row, valid_hw in pending]
-    names = [name for name, _, _, _ in pending]
+                             config=task_config, image_valid_hw=valid_hw, with_masks=masks,
+                             detection_boxes=boxes)
+                for _, image, row, valid_hw, boxes in pending]
+    names = [entry[0] for entry in pending]
     empty = np.zeros_like(pending[0][1])
     while len(examples) < batch_size:
-      examples.append(pack_example(empty, [], num_prompts=num_prompts, num_slots=num_slots,
-                                   config=task_config, with_masks=masks))
+      examples.append(pack_example(
+          empty, [], num_prompts=num_prompts, num_slots=num_slots, config=task_config,
+          with_masks=masks, detection_boxes=np.zeros((0, 4), np.float32) if detection else None))
       names.append("padding")
-    metas = [(r, s, slot.meta) for r, (_, _, row, _) in enumerate(pending)
+    metas = [(r, s, slot.meta) for r, (_, _, row, _, _) in enumerate(pending)
              for s, slot in enumerate(row)]
     return stack_examples(examples, names), metas
 
@@ -356,8 +390,10 @@ def eval_batches(task_name: str, data_source, tokenizer: TextEncoder, task_confi
                                                       train=False)
     slots = tasks.make_slots(task_name, record, tokenizer, task_config)
     image = np.asarray(record["image"])
+    boxes = detection_boxes(task_name, record, detection)
     for row in rows_of_slots(slots, num_slots, num_prompts):
-      pending.append((_record_name(task_name, index, source_record), image, row, valid_hw))
+      pending.append((_record_name(task_name, index, source_record), image, row, valid_hw,
+                      boxes))
       if len(pending) == batch_size:
         yield flush()
         pending = []

@@ -75,6 +75,10 @@ class Predictor:
             out_shardings=partitioner.replicated)
         for name, settings in (("teacher_forced", DecodeSettings("teacher_forced")),
                                ("generate", generation))}
+    # Compiled at its first call only (dense captioning's evaluation; models with a box
+    # decoder).
+    self._fns["dense_caption"] = partitioner.jit(
+        lambda p, b: model.dense_caption(p, b, generation), out_shardings=partitioner.replicated)
 
   def global_batch(self, batch: dict) -> Batch:
     """The numpy global batch (identical on every process) as global arrays split
@@ -94,6 +98,9 @@ class Predictor:
 
   def generate(self, batch: dict):
     return self._run("generate", batch)
+
+  def dense_caption(self, batch: dict):
+    return self._run("dense_caption", batch)
 
 
 def load_scenes(path: str | None) -> dict[int, dict]:
@@ -227,7 +234,8 @@ class Evaluator:
         ctx = task_registry.base.EvalContext(
             teacher_forced=self.predictor.teacher_forced, generate=self.predictor.generate,
             tokenizer=self.tokenizer, out_dir=out_dir,
-            num_visualizations=self.num_visualizations, scenes=self._scenes_of(split))
+            num_visualizations=self.num_visualizations, scenes=self._scenes_of(split),
+            dense_caption=self.predictor.dense_caption)
         with progress.tracked(self.sources[task, split], f"step {step} {task}/{split}",
                               show=self.writes) as source:
           result = task_registry.get(task).evaluate(ctx, self._batches(task, source))

@@ -11,6 +11,8 @@ Data flow (docs/DESIGN.md, "The model"):
   hidden states -> localization head -> P points per token
   (optional mask head) referring box + visual tokens + hidden states -> mask
       adapter -> SAM mask decoder on SAM's map -> mask logits, IoU prediction
+  (optional box decoder) fused map -> feature pyramid -> CenterNet proposals ->
+      ROI stage -> detections, which become the prompts of dense captioning
 
 The composer takes arrays, not the training `Batch` (pixelllm_jax/model.py
 unpacks batches): prompts may come from anywhere (a detector's proposals), and
@@ -24,6 +26,11 @@ Mask branch (`PixelLLMConfig.mask_head`, models/heads/mask.py; None: no mask
 submodules, existing configs and checkpoints unchanged): the teacher-forced
 pass segments each slot when given `mask_positions` (where each slot's box is
 read), returning the mask logits in `Output`.
+
+Box decoder (`PixelLLMConfig.box_head`, models/heads/detection.py; None: none):
+the teacher-forced pass adds its training losses when given ground-truth
+boxes (`det_boxes`); `detect_and_encode` runs the image once, detects, and
+encodes every detection as a prompt of its own caption slot (dense captioning).
 
 One canvas: `PixelLLMConfig.image_size` is the square canvas every image is
 padded to; the image towers' and the prompt encoder's sizes follow from it.
@@ -58,6 +65,7 @@ from pixelllm_jax.models.fusion import fuse_feature_maps
 from pixelllm_jax.models.heads import mask as mask_lib
 from pixelllm_jax.models.heads.localization import (LocHead, LocHeadConfig, points_at,
                                                     points_to_boxes)
+from pixelllm_jax.models.heads import detection as detection_lib
 from pixelllm_jax.models.mask_decoder import MaskDecoder
 from pixelllm_jax.models.prompt_encoder import POSITIVE, PromptEncoder, PromptEncoderConfig
 from pixelllm_jax.models.prompt_extractor import PromptExtractor, PromptExtractorConfig
@@ -68,7 +76,7 @@ Array = jax.Array
 
 # Top-level submodules (the parameter tree's first level), in data-flow order.
 SUBMODULES = ("eva02", "sam", "prompt_encoder", "extractor", "visual_proj", "t5", "loc_head",
-              "mask_adapter", "mask_decoder")
+              "mask_adapter", "mask_decoder", "box_head")
 # Submodules whose inputs are data: when frozen, their outputs are cut from the backward pass.
 _INPUT_TOWERS = ("eva02", "sam", "prompt_encoder")
 
@@ -87,6 +95,8 @@ class PixelLLMConfig:
   mask_head: the referring-segmentation branch (None: none). It needs the SAM
     tower, a SAM width shared by SAM's map, the prompt encoder and the mask
     decoder, and 2 points per token (the box).
+  box_head: the dense-captioning box decoder on the fused map (None: none); its
+    `canvas_size` follows `image_size`.
   """
   t5: T5Config
   prompt_encoder: PromptEncoderConfig
@@ -103,6 +113,7 @@ class PixelLLMConfig:
   prompt_points_per_side: int = 0
   dtype: Any = jnp.float32
   mask_head: mask_lib.MaskHeadConfig | None = None
+  box_head: detection_lib.BoxHeadConfig | None = None
 
   def __post_init__(self):
     if self.eva02 is None and self.sam is None:
@@ -125,6 +136,15 @@ class PixelLLMConfig:
     for tower in ("eva02", "sam"):
       if getattr(self, tower) is not None:
         object.__setattr__(self, tower, dataclasses.replace(getattr(self, tower), image_size=size))
+    if self.box_head is not None:
+      object.__setattr__(self, "box_head", dataclasses.replace(self.box_head, canvas_size=size))
+
+  @property
+  def fused_hw(self) -> tuple[int, int]:
+    """(h, w) of the fused map: the largest of the image towers' grids."""
+    grids = [self.image_size // tower.patch_size for tower in (self.eva02, self.sam)
+             if tower is not None]
+    return max(grids), max(grids)
 
   def _check_mask_head(self):
     if self.sam is None:
@@ -198,6 +218,8 @@ class PixelLLM(nn.Module):
     if cfg.mask_head is not None:
       self.mask_adapter = mask_lib.MaskAdapter(cfg.mask_head)
       self.mask_decoder = MaskDecoder(cfg.mask_head.decoder)
+    if cfg.box_head is not None:
+      self.box_head = detection_lib.BoxHead(cfg.box_head)
 
   def _input_tower(self, name: str, x: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(x) if name in self.config.frozen else x
@@ -310,22 +332,52 @@ class PixelLLM(nn.Module):
                                     multimask_output=False)
     return output.replace(mask_logits=logits[:, :, 0], mask_iou=iou[:, :, 0])
 
+  def detect_and_encode(self, image: jax.Array, image_valid_hw: jax.Array,
+                        context_tokens: jax.Array
+                        ) -> tuple[detection_lib.Detections, Encoded]:
+    """Dense captioning's encoder side: the image's detections (D per image, padded)
+    and the encoder side of D slots, slot d prompted by detection d.
+
+    context_tokens int32[B, Lc]: the text prompt every slot reads ("an object of").
+    """
+    if self.config.box_head is None:
+      raise ValueError("dense captioning needs a box decoder (PixelLLMConfig.box_head)")
+    fused = self.image_features(image).fused
+    detections = self.box_head.detect(fused, image_valid_hw)
+    b, d = detections.scores.shape
+    visual = self.visual_tokens(fused, image_valid_hw, detections.boxes)
+    prompt_index = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), (b, d))
+    context = jnp.broadcast_to(context_tokens[:, None, :], (b, d, context_tokens.shape[-1]))
+    return detections, self.encode_visual(visual, prompt_index, context)
+
   def __call__(self, image: jax.Array, image_valid_hw: jax.Array, prompt_boxes: jax.Array,
                prompt_index: jax.Array, context_tokens: jax.Array,
                decoder_input_tokens: jax.Array, *, train: bool = False,
-               mask_positions: jax.Array | None = None) -> Output:
+               mask_positions: jax.Array | None = None,
+               det_boxes: jax.Array | None = None, det_valid: jax.Array | None = None,
+               det_normalizers: Any = None) -> Output:
     """Teacher-forced pass: the arrays of `batch.Batch` (same names) -> Output.
 
     mask_positions: int32[B, N], where each slot's box is read, to segment it
       too (needs `PixelLLMConfig.mask_head`); None: no masks.
+    det_boxes, det_valid: float32[B, G, 4] and bool[B, G], ground-truth boxes for
+      the box decoder's losses (needs `PixelLLMConfig.box_head`; `Output.det_losses`),
+      divided by `det_normalizers` (`detection.normalizers` of the whole batch;
+      None: this batch's own).
     """
     if mask_positions is not None and self.config.mask_head is None:
       raise ValueError("mask_positions given but the model has no mask head "
                        "(PixelLLMConfig.mask_head)")
+    if det_boxes is not None and self.config.box_head is None:
+      raise ValueError("detection targets given but the model has no box decoder "
+                       "(PixelLLMConfig.box_head)")
     features = self.image_features(image)
     visual = self.visual_tokens(features.fused, image_valid_hw, prompt_boxes)
     encoded = self.encode_visual(visual, prompt_index, context_tokens, train=train)
     output = self.decode(encoded, decoder_input_tokens, train=train)
+    if det_boxes is not None:
+      output = output.replace(det_losses=self.box_head(
+          features.fused, image_valid_hw, det_boxes, det_valid, normalizers=det_normalizers))
     if mask_positions is None:
       return output
     return self.segment(features.maps["sam"], image_valid_hw, visual, prompt_index, output,

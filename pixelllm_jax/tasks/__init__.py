@@ -8,7 +8,8 @@ Registration order fixes the ids: append new tasks, never reorder.
 Adding a task: write `tasks/<name>.py` defining its slot function, evaluation
 and `TASK = base.Task(...)`, then register it below (docs/MAP.md).
 """
-from pixelllm_jax.tasks import base, caption, loca, refer, refer_loca, refseg, trace  # noqa: F401
+from pixelllm_jax.tasks import (  # noqa: F401
+    base, caption, densecap, loca, refer, refer_loca, refseg, trace)
 from pixelllm_jax.tasks.base import Slot, Task, TaskConfig, TextEncoder  # noqa: F401
 
 _REGISTRY: dict[str, Task] = {}
@@ -21,7 +22,8 @@ def _register(task: Task) -> Task:
   return task
 
 
-for _task in (caption.TASK, trace.TASK, refer.TASK, loca.TASK, refer_loca.TASK, refseg.TASK):
+for _task in (caption.TASK, trace.TASK, refer.TASK, loca.TASK, refer_loca.TASK, refseg.TASK,
+              densecap.TASK):
   _register(_task)
 
 TASKS: tuple[str, ...] = tuple(_REGISTRY)

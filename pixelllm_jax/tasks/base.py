@@ -14,6 +14,9 @@ everything the library needs to know about it:
 - `mask_loss`: whether its slots carry a target mask (`Slot.mask`) that
   supervises the mask head; batches of such a task carry `mask_targets`;
 - `evaluate`: its held-out evaluation, writing predictions and pictures;
+- `detection_boxes`: record -> float32[G, 4], every ground-truth box of the
+  image (after augmentation), for tasks that train the box decoder (dense
+  captioning); batches of such a task carry `det_boxes` / `det_valid`;
 - `unread_features`: features of its builder's records that it never reads
   (paths such as 'objects/mask'): its data source leaves them encoded and the
   pipeline drops them before augmentation, so they cost neither a decode nor
@@ -56,16 +59,20 @@ class TaskConfig:
   points_per_token: P; 2 = box corners (TL, BR), 1 = one point (trace:
     time-averaged trace point; refer: box centre).
   instructions: (task, text prompt) overrides of the tasks' own instructions.
+  max_detection_boxes: G, ground-truth boxes per image a detection task's batch
+    carries (official densecap: 100, `max_boxes`); an image's boxes beyond G are
+    dropped in record order, as the official padding truncates them.
   """
   max_target_len: int = 128
   max_context_len: int = 32
   points_per_token: int = 2
   instructions: tuple[tuple[str, str], ...] = ()
+  max_detection_boxes: int = 100
 
   def __post_init__(self):
     if self.points_per_token not in (1, 2):
       raise ValueError(f"points_per_token must be 1 or 2, got {self.points_per_token}")
-    if self.max_target_len < 1 or self.max_context_len < 1:
+    if self.max_target_len < 1 or self.max_context_len < 1 or self.max_detection_boxes < 1:
       raise ValueError(f"lengths must be >= 1: {self}")
     object.__setattr__(self, "instructions", tuple((str(t), str(i)) for t, i in self.instructions))
 
@@ -95,6 +102,9 @@ class EvalContext:
     batch as numpy arrays (jitted and sharded by the caller): the model read
     along the given targets, or decoding greedily with the KV cache.
   scenes: image_id -> generated-world scene ground truth (empty for real data).
+  dense_caption(batch) -> `model.Predictions` of the model's own detections, each
+    captioned (`boxes`, `scores`, `valid`, `tokens` per detection), for models
+    with a box decoder; None otherwise.
   """
   teacher_forced: Callable[[dict], Any]
   generate: Callable[[dict], Any]
@@ -102,6 +112,7 @@ class EvalContext:
   out_dir: str
   num_visualizations: int
   scenes: Mapping[Any, dict] = dataclasses.field(default_factory=dict)
+  dense_caption: Callable[[dict], Any] | None = None
 
 
 Batches = Iterable[tuple[dict[str, np.ndarray], list[tuple[int, int, dict]]]]
@@ -123,6 +134,12 @@ class Task:
   evaluate: EvalFn
   unread_features: tuple[str, ...] = ()
   mask_loss: bool = False
+  detection_boxes: Callable[[dict], np.ndarray] | None = None
+
+  @property
+  def detection(self) -> bool:
+    """Whether the task trains the box decoder (its batches carry detection targets)."""
+    return self.detection_boxes is not None
 
 
 def without_features(record: dict, paths: Iterable[str]) -> dict:
