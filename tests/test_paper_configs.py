@@ -212,7 +212,7 @@ def test_refcoco_run_config(xl):
 
 
 @pytest.mark.parametrize("run", ["trace_t5_xl", "refcoco_t5_xl", "refseg_t5_xl", "vg_loca_t5_xl",
-                                 "joint_t5_xl"])
+                                 "densecap_t5_xl", "joint_t5_xl"])
 def test_paper_runs_train_and_evaluate_fsdp_over_every_device(run):
   # The templates' `dp` default replicates 3.9 B parameters per chip, which no v5e chip holds
   # (README, "Scale"); every paper run file must end on the FSDP layout.
@@ -244,6 +244,29 @@ def test_refseg_run_trains_the_loc_head_and_the_mask_adapter_only():
   decoder = sum(int(np.prod(x.shape)) for p, x in leaves if p[0] == "mask_decoder")
   assert 3.9e6 < decoder < 4.3e6, decoder
 
+
+
+def test_densecap_run_trains_the_box_decoder_at_the_paper_size():
+  _parse(["runs/densecap_t5_xl.gin"], ["MODEL_DIR = '/tmp/never'"])
+  try:
+    model = configurables.REGISTERED["PixelLLMModel"][1]()
+    q = lambda name: copy.deepcopy(gin.query_parameter(name))  # noqa: E731
+    assert q("train_data.mixture") == (("densecap", 1.0),)
+    assert q("train.num_steps") == 40_000 and q("make_optimizer.layer_decay") == 0.8
+    assert q("TaskConfig.max_detection_boxes") == 100
+    assert set(q("evaluate.splits")) == {"densecap", "loca", "refer_loca"}
+    params = assemble.abstract_params(model)
+  finally:
+    gin.clear_config()
+  head = model.config.box_head
+  assert (head.nms_iou, head.max_detections, head.fg_iou, head.roi_size) == (0.5, 100, 0.6, 7)
+  leaves = [(path_of(kp), x) for kp, x in jax.tree_util.tree_leaves_with_path(params)]
+  assert {p[0] for p, _ in leaves if model.trainable(p)} >= {"box_head", "eva02"}
+  assert "sam" not in {p[0] for p, _ in leaves if model.trainable(p)}
+  # The official box decoder is about 25 M parameters (pyramid ~5.7 M, CenterNet head ~5 M,
+  # ROI fully connected layers ~14 M: a rough count, so a wide band).
+  size = sum(int(np.prod(x.shape)) for p, x in leaves if p[0] == "box_head")
+  assert 20e6 < size < 28e6, size
 
 # ---- tokenizer: a T5-style sentencepiece model gives the 32128-wide logit layer ----------------
 
