@@ -53,6 +53,8 @@ def info(inferencer: inferencer_lib.Inferencer) -> dict[str, Any]:
       row["note"] = f"no task {name!r} in this library"
     elif name == "refseg" and not inferencer.has_masks:
       row.update(available=False, note="not available in this model (no mask head)")
+    elif name == "densecap" and not inferencer.has_boxes:
+      row.update(available=False, note="not available in this model (no box decoder)")
     rows.append(row)
   for name, why in requests_lib.NOT_IMPLEMENTED.items():
     rows.append({"name": name, "prompt": "image", "available": False, "note": why})

@@ -9,6 +9,7 @@
   the command line exits 1 and lists the failures again.
 """
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 
 import gin
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -27,6 +29,7 @@ from pixelllm_jax.infer import inferencer as inferencer_lib
 from pixelllm_jax.infer import loading, render
 from pixelllm_jax.infer import requests as requests_lib
 from pixelllm_jax.infer.__main__ import run_requests
+from pixelllm_jax.model import PixelLLMModel
 from pixelllm_jax.tasks import base
 
 import infer_fixtures
@@ -166,7 +169,7 @@ def _requests_file(run) -> str:
       {"image": "wide.jpg", "task": "dance"},                                    # 5 unknown
       {"image": "alpha.png", "task": "refer", "expression": "   "},              # 6 empty
       {"image": "tall_grey.png", "task": "loca", "point": [20, 70]},             # 7 good
-      {"image": "wide.jpg", "task": "densecap"},                                 # 8 densecap
+      {"image": "wide.jpg", "task": "densecap", "box": [1, 1, 9, 9]},            # 8 a box
       "not json",                                                                # 9 bad line
       {"image": "alpha.png", "task": "refer", "expression": "the blue square"},  # 10 good
       {"image": "alpha.png", "task": "refseg", "expression": "the blue square"},  # 11 no mask
@@ -180,7 +183,7 @@ def _requests_file(run) -> str:
 EXPECTED_FAILURES = {  # line -> what its message says
     2: "image file not found", 3: "cannot read the image", 4: "not inside the 40x90 image",
     5: "unknown task 'dance'", 6: "needs a non-empty expression",
-    8: "dense captioning ('densecap') is not available", 9: "not valid JSON",
+    8: "task 'densecap' describes the whole image and takes no box", 9: "not valid JSON",
     11: ("masks are not available in this model" if "refseg" in tasks.TASKS
          else "unknown task 'refseg'"),
 }
@@ -322,3 +325,37 @@ def test_refseg_mask_in_original_pixels_as_evaluation_makes_it(run):
   assert overlay.shape == (height, width, 4)
   np.testing.assert_array_equal(overlay[..., 3] > 0, mask)
   assert response["answer"]["mask"] == answer.json["mask"]
+
+
+def test_densecap_answer_is_the_models_detections_in_original_pixels(run):
+  inferencer = run["inferencer"]
+  assert inferencer.has_boxes  # the demo's tiny model has the box decoder
+  image = run["wide"]
+  height, width = image.shape[:2]
+  answer = inferencer.answer(requests_lib.make_request(
+      str(run["photos"] / "wide.jpg"), "densecap", name="wide")).json
+  loaded = inferencer.loaded
+  record = {"image": image, "image_id": 1,
+            "regions": {"id": np.asarray([1]), "box": np.asarray([[0.1, 0.1, 0.5, 0.5]],
+                                                                  np.float32),
+                        "phrase": [b"x"]}}
+  (batch, _), = pipeline.eval_batches("densecap", [record], loaded.tokenizer, loaded.task_config,
+                                      batch_size=1, num_slots=1, num_prompts=1,
+                                      canvas_size=inferencer.canvas_size)
+  pred = jax.device_get(inferencer._dense(loaded.params, inferencer._device(Batch(**batch))))
+  valid = np.flatnonzero(pred.valid[0])
+  order = valid[np.argsort(-pred.scores[0][valid], kind="stable")]
+  regions = answer["regions"]
+  assert len(regions) == len(order) > 0
+  for region, d in zip(regions, order):
+    expected = np.clip(pred.boxes[0, d], 0, 1) * [width, height, width, height]
+    np.testing.assert_allclose(region["box"], expected, rtol=1e-6)
+    assert region["score"] == pytest.approx(float(pred.scores[0, d]), abs=0)
+    assert region["text"] == loaded.tokenizer.decode(np.asarray(pred.tokens[0, d]).tolist())
+  assert answer["words"] == [w for r in regions for w in r["words"]]
+  assert answer["text"] == regions[0]["text"]
+  without = inferencer_lib.Inferencer(dataclasses.replace(
+      loaded, model=PixelLLMModel(dataclasses.replace(loaded.model.config, box_head=None))))
+  with pytest.raises(requests_lib.RequestError, match="no box decoder"):
+    without.answer(requests_lib.make_request(str(run["photos"] / "wide.jpg"), "densecap",
+                                             name="wide"))

@@ -12,6 +12,9 @@ The steps, each the one evaluation uses:
    the pipeline packs slots (`pipeline.pack_example`, one slot, one prompt).
 3. `model.predict`: greedy decoding for generated answers, teacher forcing for an
    expression (the box read where it ends, as refer's evaluation); for refseg also the mask.
+   densecap: `model.dense_caption`, the model's own detections each captioned (models with
+   a box decoder); the answer lists them as `regions` (box, score, text, words) by
+   descending score, and its `words` are all the regions' words.
 4. Coordinates come back normalized to the image, which the canvas holds whole (no crop),
    so pixel = normalized x (width, height) of the original image; boxes and points are
    clipped into it (as refer's evaluation clips its boxes). A mask is upsampled to the
@@ -136,6 +139,7 @@ class Inferencer:
     self.loaded = loaded
     self.canvas_size = loaded.model.config.image_size
     self.has_masks = getattr(loaded.model.config, "mask_head", None) is not None
+    self.has_boxes = getattr(loaded.model.config, "box_head", None) is not None
     partitioner, model = loaded.partitioner, loaded.model
     max_len = max_decode_len or loaded.task_config.max_target_len
     generate = (DecodeSettings(mode="greedy", max_len=max_len) if beam_size == 1 else
@@ -145,6 +149,7 @@ class Inferencer:
         for mode, settings in (("greedy", generate),
                                ("teacher_forced", DecodeSettings(mode="teacher_forced")))}
     self._score = partitioner.jit(model.score)
+    self._dense = partitioner.jit(lambda p, b: model.dense_caption(p, b, generate))
 
   def _device(self, batch: Batch) -> Batch:
     return self.loaded.partitioner.shard_batch(batch)
@@ -162,6 +167,10 @@ class Inferencer:
       raise RequestError(f"{request.name}: masks are not available in this model (it has no "
                          "mask head: PixelLLMConfig.mask_head is not set); task 'refer' gives "
                          "the referred box")
+    if request.task == "densecap" and not self.has_boxes:
+      raise RequestError(f"{request.name}: dense captioning is not available in this model (it "
+                         "has no box decoder: PixelLLMConfig.box_head is not set); task 'loca' "
+                         "captions a region you give")
     pixels = read_image(request) if pixels is None else pixels
     height, width = pixels.shape[:2]
     requests_lib.check_geometry(request, width, height)
@@ -179,6 +188,8 @@ class Inferencer:
     example = pipeline.pack_example(canvas, [slot], num_prompts=1, num_slots=1, config=config,
                                     image_valid_hw=valid_hw, **masks)
     batch = Batch(**pipeline.stack_examples([example], [request.name]))
+    if request.task == "densecap":
+      return self._dense_answer(request, batch, pixels, valid_hw)
     pred = self.predict(batch, "teacher_forced" if kind == "expression" else "greedy")
     tokens, points = np.asarray(pred.tokens[0, 0]), np.asarray(pred.points[0, 0])
 
@@ -187,16 +198,8 @@ class Inferencer:
       word["point"] = _pixels(word["point"], width, height)
       if "box" in word:
         word["box"] = _pixels(word["box"], width, height)
-    out: dict[str, Any] = {
-        "request": request.name, "image": request.image, "image_size": [width, height],
-        "task": request.task, "prompt": {k: v for k, v in request.as_json().items()
-                                         if k in ("box", "point", "expression")},
-        "text": self.loaded.tokenizer.decode(tokens.tolist()), "words": words, "scores": {},
-        "checkpoint": {"path": self.loaded.source, "step": self.loaded.step},
-        "canvas": {"size": self.canvas_size,
-                   "image_hw": list(segmentation.valid_extent(
-                       valid_hw, (self.canvas_size, self.canvas_size)))},
-    }
+    out = self._answer_json(request, width, height, valid_hw,
+                            self.loaded.tokenizer.decode(tokens.tolist()), words)
     mask = None
     if kind == "expression":
       out["box"] = _pixels(box_lib.clip_to_image(pred.boxes[0, 0]), width, height)
@@ -218,6 +221,45 @@ class Inferencer:
       out["mask"] = segmentation.encode_rle(mask)
       out["scores"]["mask_iou"] = float(np.asarray(pred.mask_iou)[0, 0])
     return Answer(json=out, image=pixels, mask=mask)
+
+
+  def _answer_json(self, request: Request, width: int, height: int, valid_hw, text: str,
+                   words: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "request": request.name, "image": request.image, "image_size": [width, height],
+        "task": request.task, "prompt": {k: v for k, v in request.as_json().items()
+                                         if k in ("box", "point", "expression")},
+        "text": text, "words": words, "scores": {},
+        "checkpoint": {"path": self.loaded.source, "step": self.loaded.step},
+        "canvas": {"size": self.canvas_size,
+                   "image_hw": list(segmentation.valid_extent(
+                       valid_hw, (self.canvas_size, self.canvas_size)))},
+    }
+
+  def _dense_answer(self, request: Request, batch: Batch, pixels: np.ndarray,
+                    valid_hw) -> Answer:
+    """densecap: every detection with its caption (module docstring, step 3)."""
+    height, width = pixels.shape[:2]
+    pred = jax.device_get(self._dense(self.loaded.params, self._device(batch)))
+    valid = np.asarray(pred.valid[0], bool)
+    order = [int(i) for i in np.argsort(-np.asarray(pred.scores[0]), kind="stable") if valid[i]]
+    regions, all_words = [], []
+    for rank, d in enumerate(order):
+      tokens = np.asarray(pred.tokens[0, d])
+      words = words_of(tokens, np.asarray(pred.points[0, d]), self.loaded.tokenizer)
+      for word in words:
+        word["point"] = _pixels(word["point"], width, height)
+        if "box" in word:
+          word["box"] = _pixels(word["box"], width, height)
+        word["region"] = rank
+      all_words.extend(words)
+      regions.append({"box": _pixels(box_lib.clip_to_image(pred.boxes[0, d]), width, height),
+                      "score": float(pred.scores[0, d]),
+                      "text": self.loaded.tokenizer.decode(tokens.tolist()), "words": words})
+    out = self._answer_json(request, width, height, valid_hw,
+                            regions[0]["text"] if regions else "", all_words)
+    out["regions"] = regions
+    return Answer(json=out, image=pixels)
 
 
 def _pixels(normalized: np.ndarray, width: int, height: int) -> list[float]:

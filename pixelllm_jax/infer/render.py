@@ -2,7 +2,7 @@
 
 The image is shown at a readable size (long side at least 512 px, by an integer factor,
 and at most 1024 px), the request's prompt box or point in yellow, the answer's box in red,
-its mask tinted red, then each word at its point in its own colour
+its mask tinted red (densecap: its best regions' boxes in red), then each word at its point in its own colour
 (`visualize.draw_words`). Coordinates are the answer's, in the image's pixels.
 """
 import math
@@ -15,6 +15,7 @@ from pixelllm_jax.infer.inferencer import Answer
 
 PROMPT_COLOUR = (255, 215, 0)
 MIN_LONG_SIDE, MAX_LONG_SIDE = 512, 1024
+MAX_REGIONS = 10  # densecap: the best-scored regions drawn (the JSON has them all)
 
 
 def display_scale(width: int, height: int) -> float:
@@ -45,6 +46,8 @@ def render(answer: Answer) -> np.ndarray:
     x, y = (v * scale for v in prompt["point"])
     draw.line((x - 6, y, x + 6, y), fill=PROMPT_COLOUR, width=2)
     draw.line((x, y - 6, x, y + 6), fill=PROMPT_COLOUR, width=2)
+  for region in answer.json.get("regions", [])[:MAX_REGIONS]:  # densecap
+    draw.rectangle([v * scale for v in region["box"]], outline=visualize.PRED_COLOUR, width=2)
   image = np.asarray(canvas)
   normalize = np.array([width, height, width, height], np.float64)
   if "box" in answer.json:

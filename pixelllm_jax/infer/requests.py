@@ -1,7 +1,7 @@
 """Inference requests: one image, a task and its prompt, read from the command line or a JSONL.
 
 A request (`Request`) is an image file and a task with what that task reads besides the
-image (`PROMPTS`): nothing (caption, trace), a box or a point (loca, refer_loca), or an
+image (`PROMPTS`): nothing (caption, trace, densecap), a box or a point (loca, refer_loca), or an
 expression (refer, refseg). Coordinates are pixels of the image as stored (after its EXIF
 orientation), x right, y down: a box [x0, y0, x1, y1], a point [x, y].
 
@@ -28,14 +28,11 @@ from pixelllm_jax import tasks
 #   'region': a box (or a point: a box of size zero) as the prompt box, the answer generated;
 #   'expression': "<instruction> <expression>" as the text prompt, the expression read by the
 #     model (teacher forced) and the box read where it ends, as refer's evaluation does.
+#   densecap: the whole image; the answer is the model's own regions, each captioned.
 PROMPTS = {"caption": "image", "trace": "image", "loca": "region", "refer_loca": "region",
-           "refer": "expression", "refseg": "expression"}
-# Tasks of the paper that this library does not have yet.
-NOT_IMPLEMENTED = {
-    "densecap": "dense captioning ('densecap') is not available: this library has no dense "
-                "captioning task (region proposals + captions) yet; for one region's caption "
-                "use task 'loca' with a box",
-}
+           "refer": "expression", "refseg": "expression", "densecap": "image"}
+# Tasks of the paper that this library does not have yet (none today).
+NOT_IMPLEMENTED: dict[str, str] = {}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                     ".pgm")
 
