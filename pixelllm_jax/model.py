@@ -46,12 +46,17 @@ class DecodeSettings:
     and traces beam 4, alpha 0.6; referring beam 3).
   suppress_repeat: clamp the logit of the token just emitted (official GRiT trick; greedy
     decoding with it goes through beam search with one beam).
+  sample_seed: None decodes deterministically; an int samples instead (Gumbel top-k over
+    the beams' candidates at `temperature`: with one beam, ancestral sampling), from
+    `jax.random.key(sample_seed)` folded with the step, the same for every batch.
   """
   mode: str = "greedy"
   max_len: int = 32
   beam_size: int = 1
   alpha: float = 0.0
   suppress_repeat: bool = False
+  sample_seed: int | None = None
+  temperature: float = 1.0
 
   def __post_init__(self):
     if self.mode not in DECODE_MODES:
@@ -61,6 +66,10 @@ class DecodeSettings:
     if self.beam_size < 1 or (self.mode != "beam" and self.beam_size != 1):
       raise ValueError(f"DecodeSettings.beam_size {self.beam_size}: >= 1, and 1 unless "
                        "mode='beam'")
+    if self.sample_seed is not None and (self.mode == "teacher_forced" or self.temperature <= 0):
+      raise ValueError("DecodeSettings.sample_seed samples a generating mode ('greedy' or 'beam') "
+                       f"at a positive temperature; got mode {self.mode!r}, temperature "
+                       f"{self.temperature}")
 
 
 @flax.struct.dataclass
@@ -269,10 +278,13 @@ class PixelLLMModel(BaseModel):
                        scores=detections.scores, valid=detections.valid)
 
   def _decode(self, variables: Any, encoded: Any, settings: DecodeSettings):
-    if settings.mode == "beam" or settings.suppress_repeat:
+    sampling = settings.sample_seed is not None
+    if settings.mode == "beam" or settings.suppress_repeat or sampling:
       return beam_search.beam_search_pixel_llm(
           self.module, variables, encoded, settings.max_len, beam_size=settings.beam_size,
-          alpha=settings.alpha, suppress_repeat=settings.suppress_repeat)
+          alpha=settings.alpha, suppress_repeat=settings.suppress_repeat,
+          rng=jax.random.key(settings.sample_seed) if sampling else None,
+          temperature=settings.temperature)
     return decoding.greedy_decode_pixel_llm(self.module, variables, encoded, settings.max_len)
 
   def score(self, params: Any, batch: Batch) -> jax.Array:

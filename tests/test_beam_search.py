@@ -183,3 +183,22 @@ def test_predict_in_beam_mode(toy):
   assert three.tokens.shape == greedy.tokens.shape and three.boxes.shape == greedy.boxes.shape
   with pytest.raises(ValueError, match="beam_size"):
     DecodeSettings("greedy", beam_size=3)
+
+
+def test_predict_samples_when_given_a_seed(toy):
+  """DecodeSettings.sample_seed through the model API: the same seed samples the same tokens,
+  a near-zero temperature is greedy, a hot one departs from it."""
+  model, params, _ = toy
+  batch = mf.random_batch(0, b=2, n=2)
+  predict = jax.jit(model.predict, static_argnums=2)
+  greedy = predict(params, batch, DecodeSettings("greedy", max_len=5))
+  cold = predict(params, batch, DecodeSettings("greedy", max_len=5, sample_seed=0,
+                                               temperature=1e-4))
+  np.testing.assert_array_equal(cold.tokens, greedy.tokens)
+  hot = [predict(params, batch, DecodeSettings("greedy", max_len=5, sample_seed=seed,
+                                               temperature=5.0)) for seed in (0, 0, 1)]
+  np.testing.assert_array_equal(hot[0].tokens, hot[1].tokens)
+  assert (np.asarray(hot[0].tokens) != np.asarray(greedy.tokens)).any()
+  assert (np.asarray(hot[0].tokens) != np.asarray(hot[2].tokens)).any()
+  with pytest.raises(ValueError, match="sample_seed"):
+    DecodeSettings("teacher_forced", sample_seed=0)
