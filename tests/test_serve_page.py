@@ -113,7 +113,8 @@ def _shown_words(driver, answer):
   for marker, word in zip(markers, answer["words"]):
     assert abs(float(marker.get_attribute("cx")) - word["point"][0]) < 1e-6
     assert abs(float(marker.get_attribute("cy")) - word["point"][1]) < 1e-6
-  assert driver.find_element(By.ID, "answer-text").text == answer["text"]
+  # The page shows the text as HTML renders it: runs of spaces collapsed.
+  assert driver.find_element(By.ID, "answer-text").text == " ".join(answer["text"].split())
   return items, markers
 
 
@@ -176,3 +177,15 @@ def test_page_answers_a_drawn_box_a_point_and_an_expression(served, browser):
   x0, y0, x1, y1 = answer["box"]
   for name, value in (("x", x0), ("y", y0), ("width", x1 - x0), ("height", y1 - y0)):
     assert abs(float(drawn.get_attribute(name)) - value) < 1e-6
+
+  # Dense captioning: every region of the answer is drawn where the JSON says.
+  Select(driver.find_element(By.ID, "task")).select_by_value("densecap")
+  answer = _run_and_wait(driver)
+  assert answer["task"] == "densecap" and answer["prompt"] == {}
+  drawn = driver.find_elements(By.CSS_SELECTOR, "rect.region-box")
+  assert len(drawn) == len(answer["regions"]) > 0
+  for rect, region in zip(drawn, answer["regions"]):
+    x0, y0, x1, y1 = region["box"]
+    assert abs(float(rect.get_attribute("x")) - x0) < 1e-6
+    assert abs(float(rect.get_attribute("width")) - (x1 - x0)) < 1e-6
+  _shown_words(driver, answer)
