@@ -1,9 +1,7 @@
-"""Dense captioning through the model API and the loops: the train step with detection targets on
-the 8-device fake mesh (with gradient accumulation) equals one device, `dense_caption` captions
-exactly its own detections, and the evaluation runs end to end on a small generated world.
-
-Train step as tests/test_refseg_model.py: plain SGD at learning rate 1, so the updated
-parameters differ from the initial ones by exactly the gradient.
+"""Dense captioning through the model API and the loops: a train step's detection losses,
+`dense_caption` captions exactly its own detections, and the evaluation runs end to end on a
+small generated world. (The train step with detection targets on the 8-device fake mesh, with
+gradient accumulation, equals one device: tests/test_refseg_model.py, both new heads at once.)
 """
 import dataclasses
 import json
@@ -44,40 +42,24 @@ def _densecap_batch():
   return batch.replace(task_ids=task_ids, point_weights=np.zeros_like(batch.point_weights))
 
 
-def _step(partitioner, num_microbatches):
+def test_a_step_trains_the_box_decoder_and_the_towers_under_it():
   model = _model()
   tx = optim.with_frozen(optax.sgd(1.0), model.trainable)
-  first = mf.random_batch(0, b=B, k=K, n=N, l=L, lc=LC)  # no detection targets
-  assert first.det_boxes is None
-  spec = state_lib.state_spec(model, first, tx, partitioner)
+  partitioner = Partitioner((1, 1, 1), "dp", jax.devices()[:1])
+  spec = state_lib.state_spec(model, _densecap_batch(), tx, partitioner)
   state = spec.init(jax.random.key(0))
   init = jax.device_get(state.params)
   step = trainer.make_train_step(model, tx, partitioner=partitioner,
-                                 state_shardings=spec.shardings, num_microbatches=num_microbatches)
+                                 state_shardings=spec.shardings)
   state, metrics = step(state, partitioner.shard_batch(_densecap_batch()), jax.random.key(1))
-  return init, jax.device_get(state.params), jax.device_get(metrics)
-
-
-def test_densecap_train_step_on_the_mesh_with_accumulation_equals_one_device():
-  init, params, metrics = _step(Partitioner((1, 1, 1), "dp", jax.devices()[:1]), 1)
   for name in DET_TERMS:
     assert float(metrics[name]) > 0, name
-  assert float(metrics["count/det_loss"]) == B  # every image has a box
   np.testing.assert_allclose(
       metrics["loss"], metrics["text_loss"] + metrics["det_loss"], rtol=1e-6)
   flat = lambda t: traverse_util.flatten_dict(t, sep="/")  # noqa: E731
-  moved = {p for p, v in flat(params).items() if np.abs(v - flat(init)[p]).max() > 0}
-  assert "box_head" in {p.split("/")[0] for p in moved}
-  # The detector reads the fused map: its loss reaches the image towers.
-  assert any(p.startswith("eva02/") for p in moved)
-
-  mesh_init, mesh_params, mesh_metrics = _step(Partitioner((2, 2, 2), "fsdp_tp"), 2)
-  jax.tree.map(np.testing.assert_array_equal, mesh_init, init)
-  for name in ("loss", "text_loss", *DET_TERMS, "count/det_loss"):
-    np.testing.assert_allclose(mesh_metrics[name], metrics[name], rtol=1e-5, err_msg=name)
-  got, want = flat(mesh_params), flat(params)
-  for path in want:
-    np.testing.assert_allclose(got[path], want[path], rtol=0, atol=3e-5, err_msg=path)
+  moved = {p.split("/")[0] for p, v in flat(jax.device_get(state.params)).items()
+           if np.abs(v - flat(init)[p]).max() > 0}
+  assert {"box_head", "eva02", "t5"} <= moved  # the detector's loss reaches the image towers
 
 
 def test_dense_caption_captions_exactly_its_detections():

@@ -2,8 +2,10 @@
 fake mesh (with gradient accumulation) equals one device, and the evaluation end to end on a
 small generated world.
 
-Train step: the toy composer with a mask head, initialized from a batch *without* masks (the
-head must exist anyway), then one step on a batch of refseg and refer slots with mask targets.
+Train step: the toy composer with a mask head and a box decoder, initialized from a batch
+*without* masks or detection targets (the heads must exist anyway), then one step on a batch of
+refseg and densecap slots with mask and detection targets: one compiled pair (one device, the
+mesh) covers both new tasks (tests/test_densecap_model.py has dense captioning's other checks).
 Plain SGD at learning rate 1, as tests/test_accumulation.py (there the tolerances are explained:
 updated parameters then differ from the initial ones by exactly the gradient).
 """
@@ -24,31 +26,33 @@ from pixelllm_jax import tasks
 from pixelllm_jax.data.sources import DataConfig
 from pixelllm_jax.data.world import generate, scene as scene_lib
 from pixelllm_jax.eval import evaluator as evaluator_lib
-from pixelllm_jax.losses import LossConfig
+from pixelllm_jax.losses import DET_TERMS, LossConfig
 from pixelllm_jax.metrics import refer as refer_metrics, segmentation
 from pixelllm_jax.model import DecodeSettings, PixelLLMModel
 from pixelllm_jax.partitioning import Partitioner
 from pixelllm_jax.tasks import TASK_ID
 from pixelllm_jax.train import optim, state as state_lib, trainer
 
-B, K, N, L, LC = 8, 2, 2, 6, 4
+B, K, N, L, LC, G = 8, 2, 2, 6, 4, 3
 
 
-def _model(vocab=mf.VOCAB):
+def _model(vocab=mf.VOCAB, box_head=False):
   cfg = mf.toy_config(frozen=("prompt_encoder",))
   cfg = dataclasses.replace(cfg, t5=dataclasses.replace(cfg.t5, vocab_size=vocab),
-                            mask_head=mf.toy_mask_head())
+                            mask_head=mf.toy_mask_head(),
+                            box_head=mf.toy_box_head() if box_head else None)
   return PixelLLMModel(cfg, loss=LossConfig(box_giou_weight=1.0))
 
 
-def _refseg_batch():
-  batch = mf.random_batch(7, b=B, k=K, n=N, l=L, lc=LC, masks=True)
-  task_ids = np.tile(np.array([[TASK_ID["refseg"], TASK_ID["refer"]]], np.int32), (B, 1))
+def _refseg_batch(detections=0):
+  batch = mf.random_batch(7, b=B, k=K, n=N, l=L, lc=LC, masks=True, detections=detections)
+  second = "densecap" if detections else "refer"
+  task_ids = np.tile(np.array([[TASK_ID["refseg"], TASK_ID[second]]], np.int32), (B, 1))
   return batch.replace(task_ids=task_ids)
 
 
 def _step(partitioner, num_microbatches):
-  model = _model()
+  model = _model(box_head=True)
   tx = optim.with_frozen(optax.sgd(1.0), model.trainable)
   first = mf.random_batch(0, b=B, k=K, n=N, l=L, lc=LC)  # no mask targets
   assert first.mask_targets is None
@@ -57,7 +61,8 @@ def _step(partitioner, num_microbatches):
   init = jax.device_get(state.params)
   step = trainer.make_train_step(model, tx, partitioner=partitioner,
                                  state_shardings=spec.shardings, num_microbatches=num_microbatches)
-  state, metrics = step(state, partitioner.shard_batch(_refseg_batch()), jax.random.key(1))
+  state, metrics = step(state, partitioner.shard_batch(_refseg_batch(detections=G)),
+                        jax.random.key(1))
   return init, jax.device_get(state.params), jax.device_get(metrics)
 
 
@@ -66,19 +71,25 @@ def one_device():
   return _step(Partitioner((1, 1, 1), "dp", jax.devices()[:1]), 1)
 
 
-def test_refseg_train_step_on_the_mesh_with_accumulation_equals_one_device(one_device):
+def test_refseg_and_densecap_train_step_on_the_mesh_with_accumulation_equals_one_device(
+    one_device):
   init, params, metrics = one_device
   assert float(metrics["mask_loss"]) > 0
-  assert float(metrics["count/mask_loss"]) == B  # the refseg slots; refer slots carry no mask loss
+  assert float(metrics["count/mask_loss"]) == B  # the refseg slots; densecap slots carry none
+  for name in DET_TERMS:
+    assert float(metrics[name]) > 0, name
+  assert float(metrics["count/det_loss"]) == B  # every image has a box
   flat = lambda t: traverse_util.flatten_dict(t, sep="/")  # noqa: E731
   moved = {p for p, v in flat(params).items() if np.abs(v - flat(init)[p]).max() > 0}
   assert "mask_adapter/alpha" in moved  # the gate opens; the rest of the adapter waits for it
   assert any(p.startswith("mask_decoder/") for p in moved)
   assert not any(p.startswith("prompt_encoder/") for p in moved)  # frozen
+  assert any(p.startswith("box_head/") for p in moved)
 
   mesh_init, mesh_params, mesh_metrics = _step(Partitioner((2, 2, 2), "fsdp_tp"), 2)
   jax.tree.map(np.testing.assert_array_equal, mesh_init, init)
-  for name in ("loss", "mask_loss", "mask_focal", "mask_dice", "point_loss", "count/mask_loss"):
+  for name in ("loss", "mask_loss", "mask_focal", "mask_dice", "point_loss", "count/mask_loss",
+               "text_loss", *DET_TERMS, "count/det_loss"):
     np.testing.assert_allclose(mesh_metrics[name], metrics[name], rtol=1e-5, err_msg=name)
   got, want = flat(mesh_params), flat(params)
   for path in want:
