@@ -18,8 +18,9 @@ rate), and keeps 10% in hand for logging and the final checkpoint. It needs the 
 The config (every tower of models/tiny.gin at GPU width; untested on a GPU so far):
 - EVA02 patch 4 on the 64 px world (a 16 x 16 grid instead of 8 x 8: referring boxes need finer
   features), width 256, depth 6; SAM patch 8, width 128, depth 4; extractor width 256, depth 4,
-  32 queries; T5 width 256, 4 + 4 layers; localization head 256 wide. About 22 M parameters
-  (tiny.gin: 0.6 M).
+  32 queries; T5 width 256, 4 + 4 layers; localization head 256 wide; SAM's width 256 shared
+  by the prompt encoder and the mask head (SAM's decoder sizes, adapter MLP 1024); box decoder
+  width 128, ROI FC 256, 64 proposals. About 31 M parameters (tiny.gin: 1.1 M).
 - Batch 64 images (tiny: 16), 16 grain read threads (the GPU hosts have 16 cores), AdamW 5e-4
   with 500 warmup steps (demo: 1e-3, 300), the demo's losses (GIoU on boxes).
 - float32 compute: the model is small, and bf16 would coarsen the point regression.
@@ -44,8 +45,19 @@ BINDINGS = (
     ("SamViTConfig.mlp_dim", "512"),
     ("SamViTConfig.window_size", "4"),
     ("SamViTConfig.global_blocks", "(1, 3)"),
-    ("SamViTConfig.out_channels", "64"),
+    ("SamViTConfig.out_channels", "256"),      # SAM's width = the prompt encoder's = the mask head's
     ("PromptEncoderConfig.embed_dim", "256"),  # = extractor width, as tiny.gin
+    ("MaskDecoderConfig.transformer_dim", "256"),
+    ("MaskDecoderConfig.transformer_num_heads", "8"),
+    ("MaskDecoderConfig.transformer_mlp_dim", "1024"),
+    ("MaskDecoderConfig.iou_head_hidden_dim", "256"),
+    ("MaskHeadConfig.adapter_num_heads", "8"),
+    ("MaskHeadConfig.adapter_mlp_dim", "1024"),
+    ("BoxHeadConfig.width", "128"),
+    ("BoxHeadConfig.num_proposals_train", "64"),
+    ("BoxHeadConfig.num_proposals_test", "64"),
+    ("BoxHeadConfig.roi_fc", "256"),
+    ("BoxHeadConfig.roi_samples", "64"),
     ("PromptExtractorConfig.depth", "4"),
     ("PromptExtractorConfig.width", "256"),
     ("PromptExtractorConfig.num_heads", "8"),
@@ -92,8 +104,12 @@ def warmup_for(steps: int) -> int:
 def _distinct_shapes(mixture, task_shapes) -> set:
   """The batch shapes a homogeneous mixture yields: one per distinct task shape (tasks
   without their own share one)."""
+  # pylint: disable-next=import-outside-toplevel
+  from pixelllm_jax import tasks
   own = {task: tuple(shape) for task, *shape in task_shapes}
-  return {own.get(task, "shared") for task, _ in mixture}
+  # A mask or detection task's batches carry more fields: a program of their own.
+  return {(own.get(task, "shared"), tasks.get(task).mask_loss, tasks.get(task).detection)
+          for task, _ in mixture}
 
 
 def measure(world_dir: str, measure_seconds: float, extra: list[str], max_warmup_seconds: float
@@ -124,7 +140,8 @@ def measure(world_dir: str, measure_seconds: float, extra: list[str], max_warmup
   seen = set()
 
   def shape_of(b):
-    return (b.prompt_boxes.shape[1], *b.decoder_target_tokens.shape[1:], b.context_tokens.shape[-1])
+    return (b.prompt_boxes.shape[1], *b.decoder_target_tokens.shape[1:], b.context_tokens.shape[-1],
+            b.mask_targets is not None, b.det_boxes is not None)
 
   def compile_step(state, b):
     """One step of a shape not seen yet, waited for: its compile stays out of the timing."""

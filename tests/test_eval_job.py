@@ -47,7 +47,7 @@ def world(tmp_path_factory):
   finally:
     gin.clear_config()
   assert {t: tuple(s) for t, s in world_splits.items()} == {
-      t: ("test",) for t in ("caption", "trace", "refer", "loca")}  # the held-out scenes
+      t: ("test",) for t in ("caption", "trace", "refer", "loca", "densecap", "refseg")}
   evaluator = evaluator_lib.Evaluator(**built, **EVAL_KW)
   return dict(root=root, counts=counts, built=built, evaluator=evaluator)
 

@@ -102,6 +102,9 @@ def _synthetic_record(task: str, box, expression: str) -> dict:
                     "utterance_points": np.zeros((0, 2))},
           "loca": {"regions": {"box": np.asarray([box], np.float32), "phrase": [b""],
                                "id": np.asarray([3])}},
+          # densecap's request is the whole image: its first slot is a full-image region's
+          "densecap": {"regions": {"box": np.asarray([box], np.float32), "phrase": [b""],
+                                   "id": np.asarray([3])}},
           }.get(task, {"image": np.zeros((8, 8, 3), np.uint8), "objects": objects,
                        "expressions": expressions})
 
@@ -172,7 +175,7 @@ def _requests_file(run) -> str:
       {"image": "wide.jpg", "task": "densecap", "box": [1, 1, 9, 9]},            # 8 a box
       "not json",                                                                # 9 bad line
       {"image": "alpha.png", "task": "refer", "expression": "the blue square"},  # 10 good
-      {"image": "alpha.png", "task": "refseg", "expression": "the blue square"},  # 11 no mask
+      {"image": "alpha.png", "task": "refseg", "expression": "the blue square"},  # 11 good
   ]
   path = photos / "requests.jsonl"
   path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line)
@@ -184,8 +187,6 @@ EXPECTED_FAILURES = {  # line -> what its message says
     2: "image file not found", 3: "cannot read the image", 4: "not inside the 40x90 image",
     5: "unknown task 'dance'", 6: "needs a non-empty expression",
     8: "task 'densecap' describes the whole image and takes no box", 9: "not valid JSON",
-    11: ("masks are not available in this model" if "refseg" in tasks.TASKS
-         else "unknown task 'refseg'"),
 }
 
 
@@ -199,11 +200,12 @@ def test_jsonl_batch_goes_past_bad_requests_and_names_each(run, tmp_path):
     assert error.startswith(f"line {line} of requests.jsonl") and reason in error, error
   assert [a["request"] for a in summary["answered"]] == [
       "line 1 of requests.jsonl (wide.jpg)", "line 7 of requests.jsonl (tall_grey.png)",
-      "line 10 of requests.jsonl (alpha.png)"]
+      "line 10 of requests.jsonl (alpha.png)", "line 11 of requests.jsonl (alpha.png)"]
   with open(tmp_path / "summary.json") as f:
     assert json.load(f) == summary
-  for row, (size, task) in zip(summary["answered"], [((150, 97), "caption"),
-                                                     ((40, 90), "loca"), ((64, 64), "refer")]):
+  for row, (size, task) in zip(summary["answered"], [((150, 97), "caption"), ((40, 90), "loca"),
+                                                     ((64, 64), "refer"), ((64, 64), "refseg")],
+                               strict=True):
     with open(tmp_path / row["json"]) as f:
       answer = json.load(f)
     assert answer["task"] == task and answer["image_size"] == list(size)
@@ -327,7 +329,7 @@ def test_refseg_mask_in_original_pixels_as_evaluation_makes_it(run):
   assert response["answer"]["mask"] == answer.json["mask"]
 
 
-def test_densecap_answer_is_the_models_detections_in_original_pixels(run):
+def test_densecap_answer_and_the_tasks_a_model_without_the_head_refuses(run):
   inferencer = run["inferencer"]
   assert inferencer.has_boxes  # the demo's tiny model has the box decoder
   image = run["wide"]
@@ -359,3 +361,8 @@ def test_densecap_answer_is_the_models_detections_in_original_pixels(run):
   with pytest.raises(requests_lib.RequestError, match="no box decoder"):
     without.answer(requests_lib.make_request(str(run["photos"] / "wide.jpg"), "densecap",
                                              name="wide"))
+  no_masks = inferencer_lib.Inferencer(dataclasses.replace(
+      loaded, model=PixelLLMModel(dataclasses.replace(loaded.model.config, mask_head=None))))
+  with pytest.raises(requests_lib.RequestError, match="masks are not available in this model"):
+    no_masks.answer(requests_lib.make_request(str(run["photos"] / "wide.jpg"), "refseg",
+                                              expression="the red one", name="wide"))
