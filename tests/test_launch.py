@@ -121,6 +121,9 @@ def _tiny_sweep(world):
                 "SamViTConfig.depth": 1, "SamViTConfig.global_blocks": (0,),
                 "PromptExtractorConfig.depth": 1, "T5Config.num_encoder_layers": 1,
                 "T5Config.num_decoder_layers": 1, "LocHeadConfig.depth": 2,
+                # No head that refer does not read (nor the wider SAM the mask head needs).
+                "PixelLLMConfig.mask_head": None, "PixelLLMConfig.box_head": None,
+                "SamViTConfig.out_channels": 32,
                 "train.checkpoint_every": KILL_AFTER, "train.log_every": 5,
                 "make_optimizer.warmup_steps": 5},
       eval_bindings={"evaluate.tasks": ("refer",), "evaluate.num_visualizations": 0,
