@@ -211,8 +211,8 @@ def test_refcoco_run_config(xl):
     gin.clear_config()
 
 
-@pytest.mark.parametrize("run", ["trace_t5_xl", "refcoco_t5_xl", "refseg_t5_xl", "vg_loca_t5_xl",
-                                 "densecap_t5_xl", "joint_t5_xl"])
+@pytest.mark.parametrize("run", ["trace_t5_xl", "refcoco_t5_xl", "refer_mixture_t5_xl",
+                                 "refseg_t5_xl", "vg_loca_t5_xl", "densecap_t5_xl", "joint_t5_xl"])
 def test_paper_runs_train_and_evaluate_fsdp_over_every_device(run):
   # The templates' `dp` default replicates 3.9 B parameters per chip, which no v5e chip holds
   # (README, "Scale"); every paper run file must end on the FSDP layout.
@@ -221,6 +221,17 @@ def test_paper_runs_train_and_evaluate_fsdp_over_every_device(run):
     partitioner = configurables.REGISTERED["Partitioner"][1](devices=jax.devices()[:8])
     assert partitioner.rule_set == "fsdp" and dict(partitioner.mesh.shape) == {
         "data": 1, "fsdp": 8, "model": 1}
+  finally:
+    gin.clear_config()
+
+
+def test_refer_mixture_run_is_the_refcoco_run_on_the_refcoco_union():
+  _parse(["runs/refer_mixture_t5_xl.gin"], ["MODEL_DIR = '/tmp/never'"])
+  try:
+    q = lambda name: copy.deepcopy(gin.query_parameter(name))  # noqa: E731
+    assert dict(q("DataConfig.builder_configs")) == {"refer": "refcoco_mixed"}
+    assert q("train_data.mixture") == (("refer", 1.0),) and q("train.num_steps") == 120_000
+    assert q("make_optimizer.learning_rate") == 5e-5
   finally:
     gin.clear_config()
 
