@@ -410,6 +410,28 @@ def test_loca_task_scores_every_region(tmp_path, monkeypatch):
       (3, "small red circle", ["big blue circle"])]
 
 
+
+@needs_java
+def test_refer_loca_scores_every_expression_against_itself_alone(tmp_path, monkeypatch):
+  monkeypatch.delenv(captioning.ENV_VAR, raising=False)
+  # Expressions 11 and 12 refer to one object (one box, one decoded caption): still two items,
+  # each scored against its own expression only (official RefCOCOg loca: no merging).
+  tokens = np.array([[[3, 4, 5, 1], [3, 4, 5, 1], [3, 4, 6, 1]]], np.int32)
+  box = np.array([0.0, 0.0, 0.5, 0.5], np.float32)
+  metas = [(0, 0, {"image_id": 5, "sent_id": 11, "reference": "small red circle", "box": box}),
+           (0, 1, {"image_id": 5, "sent_id": 12, "reference": "the red one", "box": box}),
+           (0, 2, {"image_id": 5, "sent_id": 13, "reference": "small red square",
+                   "box": np.array([0.5, 0.5, 1.0, 1.0], np.float32)})]
+  metrics = tasks.get("refer_loca").evaluate(_eval_context(tmp_path, tokens), [({}, metas)])
+  predictions = {0: "small red circle", 1: "small red circle", 2: "small red square"}
+  references = {0: ["small red circle"], 1: ["the red one"], 2: ["small red square"]}
+  expected = captioning.caption_scores(predictions, references, exact_match=True)
+  assert metrics["refer_loca_count"] == 3
+  assert metrics["refer_loca_exact_match"] == 2 / 3
+  for name, key in (("cider", "CIDEr"), ("meteor", "METEOR"), ("bleu4", "Bleu_4"),
+                    ("rouge_l", "ROUGE_L")):
+    assert metrics[f"refer_loca_{name}"] == expected[key], name
+
 def test_caption_task_offline_opt_out_runs_without_java(tmp_path, monkeypatch):
   monkeypatch.setattr(java_tools.shutil, "which", lambda name: None)
   monkeypatch.delenv(captioning.ENV_VAR, raising=False)
