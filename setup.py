@@ -40,6 +40,10 @@ EXTRAS = {
     # TPU pods on a CPU machine): jax's `tpu` extra pins the libtpu that matches jax
     # (jax 0.10.2: libtpu 0.0.42.*, about 680 MB). Not needed to train, test or run on CPU.
     "tpu_aot": ["jax[tpu]>=0.10.2"],
+    # XLA's GPU compiler for `python -m pixelllm_jax.scale_check --gpu=h100` (compiles for an
+    # NVIDIA GPU on a CPU machine, no GPU or driver needed): jax's CUDA 12 plugin without the
+    # CUDA libraries (about 480 MB). Its version must equal jaxlib's.
+    "gpu_aot": ["jax-cuda12-plugin>=0.10.2"],
 }
 
 setuptools.setup(

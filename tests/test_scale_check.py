@@ -23,7 +23,7 @@ from pixelllm_jax.convert import assemble
 from pixelllm_jax.model import PixelLLMModel
 from pixelllm_jax.models.t5 import T5_1_1_SIZES
 from pixelllm_jax.partitioning import RULE_SETS, Partitioner
-from pixelllm_jax.scale_check import aot, model_choice
+from pixelllm_jax.scale_check import aot, gpu_targets, model_choice
 from pixelllm_jax.scale_check.__main__ import rule_table
 from pixelllm_jax.train import optim, state as state_lib
 
@@ -196,7 +196,8 @@ class _Refused:
   def __init__(self, message):
     self.message = message
 
-  def compile(self):
+  def compile(self, compiler_options=None):
+    del compiler_options
     raise RuntimeError(self.message)
 
 
@@ -210,3 +211,46 @@ def test_out_of_memory_is_a_report_not_a_crash(reports):
   assert "DOES NOT FIT: RESOURCE_EXHAUSTED" in refused.line()
   with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
     aot.compile_or_oom(_Refused("INVALID_ARGUMENT: something else"))
+
+
+def test_gpu_target_names_and_config():
+  """`--gpu=h100[:N]` names one host of N H100s; the target config the CUDA plugin compiles
+  against carries the part's figures (memory in bytes, SM count, compute capability 9.0)."""
+  spec, count = gpu_targets.parse("h100:8")
+  assert (spec.description, count) == ("NVIDIA H100 80GB HBM3", 8)
+  assert gpu_targets.parse("h100") == (spec, 1)
+  for bad in ("a100", "h100:0", "h100:x"):
+    with pytest.raises(ValueError, match="--gpu"):
+      gpu_targets.parse(bad)
+  text = gpu_targets.target_config(spec)
+  assert f"device_memory_size: {80 * GIB}\n" in text and "core_count: 132\n" in text
+  assert "cuda_compute_capability { major: 9 minor: 0 }" in text
+  assert aot.HBM_GIB[spec.description] == 80.0
+
+
+def _has_cuda_plugin() -> bool:
+  try:
+    import jax_plugins.xla_cuda12  # noqa: F401  pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  return True
+
+
+@pytest.mark.skipif(not _has_cuda_plugin(),
+                    reason="XLA's GPU compiler needs jax's CUDA plugin: pip install -e .[gpu_aot]")
+def test_command_line_gpu_deviceless(tmp_path):
+  """`--gpu=h100` compiles the tiny model's decode step with XLA's GPU compiler on this CPU
+  machine (no GPU, no driver) and compares its memory with the H100's 80 GiB."""
+  out = tmp_path / "scale.jsonl"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(8)}
+  proc = subprocess.run(
+      [sys.executable, "-m", "pixelllm_jax.scale_check", "--gpu=h100",
+       "--gin_file=models/tiny.gin", "--steps=decode", "--rules=dp", "--mesh=1,1,1",
+       "--batch=4", "--num_slots=2", "--length=8", "--context_length=8", f"--json_out={out}"],
+      env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report, = [json.loads(line) for line in out.read_text().splitlines()]
+  assert (report["target"], report["devices"], report["device_kind"], report["hbm_gib"]) \
+      == ("h100", 1, "NVIDIA H100 80GB HBM3", 80.0)
+  assert report["argument_gib"] > 0 and report["fits"] is True
+  assert report["xla_tflops_per_chip"] is None  # deviceless: no cost analysis

@@ -17,10 +17,13 @@ import jax
 from absl import flags
 
 from pixelllm_jax import cli, partitioning
-from pixelllm_jax.scale_check import aot, model_choice
+from pixelllm_jax.scale_check import aot, gpu_targets, model_choice
 
 flags.DEFINE_string("topology", None, "TPU topology name (v5e:4x4, v5e:16x16, v4:4x4x4, "
-                    "v5p:4x4x4, v6e:16x16, ...); needs libtpu. Exclusive with --cpu_devices.")
+                    "v5p:4x4x4, v6e:16x16, ...); needs libtpu. Exclusive with --gpu and "
+                    "--cpu_devices.")
+flags.DEFINE_string("gpu", None, "NVIDIA GPU to compile for, deviceless: h100, or h100:N for one "
+                    "host with N (gpu_targets.GPUS); needs jax's CUDA plugin, no GPU.")
 flags.DEFINE_string("chip_config", None, "'default' or 'megacore' (default: megacore for v4 "
                     "and v5p, default otherwise).")
 flags.DEFINE_integer("cpu_devices", None, "Compile for this many fake CPU devices instead "
@@ -61,21 +64,22 @@ BATCH_SOURCES = {
 }
 
 
-def setup_backend(topology: str | None, cpu_devices: int | None) -> None:
+def setup_backend(topology: str | None, cpu_devices: int | None, gpu: str | None = None) -> None:
   """Process settings, before jax creates its CPU backend (which reads XLA_FLAGS)."""
-  if (topology is None) == (cpu_devices is None):
-    raise ValueError("give exactly one of --topology and --cpu_devices")
+  if sum(x is not None for x in (topology, cpu_devices, gpu)) != 1:
+    raise ValueError("give exactly one of --topology, --gpu and --cpu_devices")
   if cpu_devices is not None:
     count = "--xla_force_host_platform_device_count"
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count + "=")]
     os.environ["XLA_FLAGS"] = " ".join([*kept, f"{count}={cpu_devices}"])
-  else:
+  elif topology is not None:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server to ask
     # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) against two processes driving
     # the same chips; this one only compiles, so another jax process that loaded libtpu
     # (any started without JAX_PLATFORMS=cpu) must not stop it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  # The process itself stays on CPU; a topology's devices are only compiled for.
+  # (--gpu: jax's CUDA plugin builds a compile-only client from the target config.)
+  # The process itself stays on CPU; a topology's or GPU's devices are only compiled for.
   jax.config.update("jax_platforms", "cpu")
 
 
@@ -94,7 +98,7 @@ def rule_table(rules: str, overrides: Sequence[str]) -> tuple[str | partitioning
 
 
 def main(argv: Sequence[str]) -> list[aot.Report]:
-  setup_backend(FLAGS.topology, FLAGS.cpu_devices)
+  setup_backend(FLAGS.topology, FLAGS.cpu_devices, FLAGS.gpu)
   if not FLAGS.gin_file:
     FLAGS.gin_file = [DEFAULT_GIN_FILE]
   cli.start(argv)
@@ -115,6 +119,8 @@ def main(argv: Sequence[str]) -> list[aot.Report]:
   rules, rules_label = rule_table(FLAGS.rules, FLAGS.rule)
   if FLAGS.topology is not None:
     devices = aot.tpu_devices(FLAGS.topology, FLAGS.chip_config)
+  elif FLAGS.gpu is not None:
+    devices = gpu_targets.devices(FLAGS.gpu)
   else:
     devices = jax.devices("cpu")
     if len(devices) != FLAGS.cpu_devices:
@@ -123,9 +129,10 @@ def main(argv: Sequence[str]) -> list[aot.Report]:
   for report in aot.check(model, optimizer, shape, devices=devices,
                           mesh_shape=[int(x) for x in FLAGS.mesh.split(",")], rules=rules,
                           rules_label=rules_label,
-                          steps=FLAGS.steps, target=FLAGS.topology or "cpu",
+                          steps=FLAGS.steps, target=FLAGS.topology or FLAGS.gpu or "cpu",
                           hbm_gib=FLAGS.hbm_gib, t5=model_choice.t5_size_name(model.config.t5),
-                          scan=scan, unrolled=unrolled):
+                          scan=scan, unrolled=unrolled,
+                          compiler_options=gpu_targets.COMPILER_OPTIONS if FLAGS.gpu else None):
     line = json.dumps(dataclasses.asdict(report))
     print(report.line(), line, sep="\n", flush=True)
     if FLAGS.json_out:

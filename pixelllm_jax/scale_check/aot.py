@@ -17,14 +17,16 @@ from jax.sharding import PartitionSpec as P
 
 from pixelllm_jax.models.pixel_llm import PixelLLM
 from pixelllm_jax.partitioning import Partitioner
+from pixelllm_jax.scale_check import gpu_targets
 from pixelllm_jax.train import state as state_lib
 from pixelllm_jax.train import trainer
 from pixelllm_jax.tree_paths import path_of
 
 GIB = 1024 ** 3
 
-# HBM per chip (public specs), by the device_kind libtpu reports.
-HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v6 lite": 32.0}
+# HBM per chip (public specs), by the device_kind libtpu (or jax's CUDA plugin) reports.
+HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v6 lite": 32.0,
+           **{spec.description: spec.memory_gib for spec in gpu_targets.GPUS.values()}}
 
 STEPS = ("train", "decode")
 
@@ -110,7 +112,8 @@ class Report:
   peak_gib: float | None     # argument + output - alias + temp
   fits: bool | None          # peak <= HBM (None: no HBM to compare with)
   tflops: float              # the step, all chips (the unrolled step on one device)
-  xla_tflops_per_chip: float | None  # as compiled (a scanned loop's body counted once)
+  xla_tflops_per_chip: float | None  # as compiled (a scanned loop's body counted once; None:
+                                     # the compiler gives no count, as deviceless for a GPU)
   lower_s: float
   compile_s: float
   error: str | None = None   # the compiler's out-of-memory message
@@ -125,10 +128,11 @@ class Report:
       return f"{head} | DOES NOT FIT: {self.error} | {self.tflops:.4g} TFLOP/step | {times}"
     hbm = "" if self.hbm_gib is None else f" / {self.hbm_gib:g}"
     fits = {True: " fits", False: " DOES NOT FIT", None: ""}[self.fits]
+    per_chip = ("" if self.xla_tflops_per_chip is None
+                else f" ({self.xla_tflops_per_chip:.4g} per chip as compiled)")
     return (f"{head} | GiB per chip: args {self.argument_gib:.2f} temp {self.temp_gib:.2f} "
             f"out {self.output_gib:.2f} alias {self.alias_gib:.2f} peak "
-            f"{self.peak_gib:.2f}{hbm}{fits} | {self.tflops:.4g} TFLOP/step "
-            f"({self.xla_tflops_per_chip:.4g} per chip as compiled) | {times}")
+            f"{self.peak_gib:.2f}{hbm}{fits} | {self.tflops:.4g} TFLOP/step{per_chip} | {times}")
 
 
 def _with_sharding(tree: Any, shardings: Any) -> Any:
@@ -207,11 +211,12 @@ def lower_decode(model: Any, partitioner: AotPartitioner, shape: BatchShape) -> 
   return lowered, params
 
 
-def tflops(stage: Any) -> float:
-  """XLA's FLOP count (in TFLOP) of a lowered (whole program) or compiled (per chip) step."""
+def tflops(stage: Any) -> float | None:
+  """XLA's FLOP count (in TFLOP) of a lowered (whole program) or compiled (per chip) step;
+  None where the compiler gives none (a deviceless GPU compile)."""
   cost = stage.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: a list of dicts
-  return float(cost.get("flops", 0.0)) / 1e12
+  return None if cost is None else float(cost.get("flops", 0.0)) / 1e12
 
 
 def analyse(compiled: Any) -> dict[str, float]:
@@ -224,11 +229,12 @@ def analyse(compiled: Any) -> dict[str, float]:
           "xla_tflops_per_chip": tflops(compiled)}
 
 
-def compile_or_oom(lowered: Any) -> tuple[dict[str, Any], str | None]:
+def compile_or_oom(lowered: Any, compiler_options: dict[str, Any] | None = None
+                   ) -> tuple[dict[str, Any], str | None]:
   """(analyse(compiled), None), or (every figure None, the message) when the TPU compiler
   refuses the step because it needs more memory than a chip has (RESOURCE_EXHAUSTED)."""
   try:
-    return analyse(lowered.compile()), None
+    return analyse(lowered.compile(compiler_options)), None
   except Exception as e:  # pylint: disable=broad-except  (jax's JaxRuntimeError)
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -246,8 +252,8 @@ def check(model: Any, optimizer: Any, shape: BatchShape, *, devices: Sequence[An
           mesh_shape: Sequence[int], rules: Any, rules_label: str | None = None,
           steps: Sequence[str] = STEPS,
           target: str = "cpu", hbm_gib: float | None = None, t5: str = "",
-          scan: bool | None = None, unrolled: tuple[Any, Any] | None = None
-          ) -> Iterator[Report]:
+          scan: bool | None = None, unrolled: tuple[Any, Any] | None = None,
+          compiler_options: dict[str, Any] | None = None) -> Iterator[Report]:
   """Compiles each of `steps` on a (data, fsdp, model) mesh over `devices` and reports it
   (one at a time, so a caller can print each report as it comes).
 
@@ -259,6 +265,7 @@ def check(model: Any, optimizer: Any, shape: BatchShape, *, devices: Sequence[An
     t5, scan: labels for the report.
     unrolled: (model, optimizer) equal to the given ones but without scan, to count the
       FLOPs with (XLA counts a loop's body once); None: the given model does not scan.
+    compiler_options: XLA options for compiling the steps (e.g. gpu_targets.COMPILER_OPTIONS).
 
   The step's FLOPs are XLA's count of the unrolled step lowered for one CPU device (the
   whole step before partitioning and optimization: cheap, and XLA gives no count of a
@@ -285,7 +292,7 @@ def check(model: Any, optimizer: Any, shape: BatchShape, *, devices: Sequence[An
     start = time.perf_counter()
     lowered, params = lower(step, model, optimizer, partitioner)
     lowered_at = time.perf_counter()
-    stats, error = compile_or_oom(lowered)
+    stats, error = compile_or_oom(lowered, compiler_options)
     compiled_at = time.perf_counter()
     step_tflops = tflops(lower(step, *(unrolled or (model, optimizer)), one_device)[0])
     yield Report(
