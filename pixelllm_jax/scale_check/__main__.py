@@ -29,7 +29,8 @@ flags.DEFINE_string("chip_config", None, "'default' or 'megacore' (default: mega
 flags.DEFINE_integer("cpu_devices", None, "Compile for this many fake CPU devices instead "
                      "(XLA_FLAGS --xla_force_host_platform_device_count).")
 flags.DEFINE_float("hbm_gib", None, "Memory per device to compare with (default: the TPU "
-                   "chip's HBM; none on CPU).")
+                   "chip's HBM; on a GPU the share jax gives XLA, 75% unless "
+                   "XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise; none on CPU).")
 flags.DEFINE_string("rules", "fsdp", "Rule set: dp, fsdp or fsdp_tp (partitioning.RULE_SETS).")
 flags.DEFINE_multi_string("rule", [], "Override one rule of --rules: NAME=AXES with AXES a mesh "
                           "axis, axes joined by '+', or empty for replicated (e.g. mlp= keeps "

@@ -24,9 +24,15 @@ from pixelllm_jax.tree_paths import path_of
 
 GIB = 1024 ** 3
 
-# HBM per chip (public specs), by the device_kind libtpu (or jax's CUDA plugin) reports.
-HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v6 lite": 32.0,
-           **{spec.description: spec.memory_gib for spec in gpu_targets.GPUS.values()}}
+# HBM per chip (public specs), by the device_kind libtpu reports.
+HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v6 lite": 32.0}
+
+
+def memory_gib(device_kind: str) -> float | None:
+  """The memory a step may use per device: a TPU chip's HBM; on a GPU, the share of it a jax
+  process gives XLA (gpu_targets.usable_gib); None where unknown (CPU)."""
+  spec = gpu_targets.by_kind(device_kind)
+  return gpu_targets.usable_gib(spec) if spec else HBM_GIB.get(device_kind)
 
 STEPS = ("train", "decode")
 
@@ -94,7 +100,7 @@ class Report:
   target: str                # TPU topology name, or 'cpu'
   devices: int
   device_kind: str
-  hbm_gib: float | None      # per chip
+  hbm_gib: float | None      # per chip: the memory compared with (`memory_gib`)
   rules: str
   mesh: str                  # data x fsdp x model
   remat: str                 # the T5's (RematPolicy.mode unless overridden per tower)
@@ -261,7 +267,7 @@ def check(model: Any, optimizer: Any, shape: BatchShape, *, devices: Sequence[An
     model: a PixelLLMModel; optimizer: the train step's, freezing included.
     rules: a rule set name or table (partitioning.rules_of); rules_label: its name in the
       report (default: the set's name, or 'custom').
-    hbm_gib: memory per chip to compare with (default: the TPU chip's HBM, none on CPU).
+    hbm_gib: memory per chip to compare with (default: memory_gib of the devices' kind).
     t5, scan: labels for the report.
     unrolled: (model, optimizer) equal to the given ones but without scan, to count the
       FLOPs with (XLA counts a loop's body once); None: the given model does not scan.
@@ -278,7 +284,7 @@ def check(model: Any, optimizer: Any, shape: BatchShape, *, devices: Sequence[An
   partitioner.check_batch_size(shape.batch, "scale_check")
   kind = partitioner.mesh.devices.flat[0].device_kind
   if hbm_gib is None:
-    hbm_gib = HBM_GIB.get(kind)
+    hbm_gib = memory_gib(kind)
   n = partitioner.mesh.devices.size
 
   one_device = AotPartitioner((1, 1, 1), rules, devices=jax.devices("cpu")[:1])

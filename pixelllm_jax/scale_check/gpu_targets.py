@@ -10,8 +10,15 @@ defaults: the memory figures hold, run times are not measured here.
 The figures below are NVIDIA's public specifications of each part.
 """
 import dataclasses
+import os
 
 GIB = 1024 ** 3
+
+# Of a GPU's memory, a jax process gives XLA this fraction by default (its allocator reserves
+# it at start-up); XLA_PYTHON_CLIENT_MEM_FRACTION changes it. The pod check compares a step's
+# peak with this share: the deviceless compiler, asked to fit the paper step into 80 GiB,
+# rematerialized towards a limit of 61.65 GiB, about this share too.
+DEFAULT_MEM_FRACTION = 0.75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +80,17 @@ def target_config(spec: GpuSpec) -> str:
           f"dnn_version_info {{ major: {CUDNN_VERSION[0]} minor: {CUDNN_VERSION[1]} }}\n"
           f"runtime_version {{ major: {CUDA_VERSION[0]} minor: {CUDA_VERSION[1]} }}\n"
           f'device_description_str: "{spec.description}"\n')
+
+
+def usable_gib(spec: GpuSpec) -> float:
+  """The memory a jax process lets XLA use on `spec` (XLA_PYTHON_CLIENT_MEM_FRACTION, default
+  75% of it)."""
+  return spec.memory_gib * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                                DEFAULT_MEM_FRACTION))
+
+
+def by_kind(device_kind: str) -> GpuSpec | None:
+  return next((s for s in GPUS.values() if s.description == device_kind), None)
 
 
 def parse(name: str) -> tuple[GpuSpec, int]:
