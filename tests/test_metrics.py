@@ -385,6 +385,17 @@ def test_caption_task_scores_each_image_once_against_all_its_references(tmp_path
                   {"image_id": 8, "prediction": "small square", "references": ["a small square"]}]
 
 
+def _assert_scored_item_by_item(metrics, task, predictions, references, exact_match):
+  """`task`'s metrics are the caption toolkit's scores of each item against its own references
+  alone (item keys, not images), with the exact-match rate given."""
+  expected = captioning.caption_scores(predictions, references, exact_match=True)
+  assert metrics[f"{task}_count"] == len(predictions)
+  assert metrics[f"{task}_exact_match"] == exact_match
+  for name, key in (("cider", "CIDEr"), ("meteor", "METEOR"), ("bleu4", "Bleu_4"),
+                    ("rouge_l", "ROUGE_L")):
+    assert metrics[f"{task}_{name}"] == expected[key], name
+
+
 @needs_java
 def test_loca_task_scores_every_region(tmp_path, monkeypatch):
   monkeypatch.delenv(captioning.ENV_VAR, raising=False)
@@ -398,17 +409,11 @@ def test_loca_task_scores_every_region(tmp_path, monkeypatch):
   metrics = tasks.get("loca").evaluate(_eval_context(tmp_path, tokens), [({}, metas)])
   predictions = {0: "small red circle", 1: "small red square", 2: "small red circle"}
   references = {0: ["small red circle"], 1: ["small red circle"], 2: ["big blue circle"]}
-  expected = captioning.caption_scores(predictions, references, exact_match=True)
-  assert metrics["loca_count"] == 3
-  assert metrics["loca_exact_match"] == 1 / 3
-  for name, key in (("cider", "CIDEr"), ("meteor", "METEOR"), ("bleu4", "Bleu_4"),
-                    ("rouge_l", "ROUGE_L")):
-    assert metrics[f"loca_{name}"] == expected[key], name
+  _assert_scored_item_by_item(metrics, "loca", predictions, references, exact_match=1 / 3)
   rows = [json.loads(line) for line in open(tmp_path / "predictions_loca.jsonl")]
   assert [(r["region_id"], r["prediction"], r["references"]) for r in rows] == [
       (1, "small red circle", ["small red circle"]), (2, "small red square", ["small red circle"]),
       (3, "small red circle", ["big blue circle"])]
-
 
 
 @needs_java
@@ -425,12 +430,9 @@ def test_refer_loca_scores_every_expression_against_itself_alone(tmp_path, monke
   metrics = tasks.get("refer_loca").evaluate(_eval_context(tmp_path, tokens), [({}, metas)])
   predictions = {0: "small red circle", 1: "small red circle", 2: "small red square"}
   references = {0: ["small red circle"], 1: ["the red one"], 2: ["small red square"]}
-  expected = captioning.caption_scores(predictions, references, exact_match=True)
-  assert metrics["refer_loca_count"] == 3
-  assert metrics["refer_loca_exact_match"] == 2 / 3
-  for name, key in (("cider", "CIDEr"), ("meteor", "METEOR"), ("bleu4", "Bleu_4"),
-                    ("rouge_l", "ROUGE_L")):
-    assert metrics[f"refer_loca_{name}"] == expected[key], name
+  _assert_scored_item_by_item(metrics, "refer_loca", predictions, references,
+                              exact_match=2 / 3)
+
 
 def test_caption_task_offline_opt_out_runs_without_java(tmp_path, monkeypatch):
   monkeypatch.setattr(java_tools.shutil, "which", lambda name: None)

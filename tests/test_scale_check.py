@@ -227,7 +227,6 @@ def test_gpu_target_names_and_config():
   assert "cuda_compute_capability { major: 9 minor: 0 }" in text
 
 
-
 def test_gpu_memory_is_the_share_jax_gives_xla(monkeypatch):
   monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
   assert aot.memory_gib("NVIDIA H100 80GB HBM3") == 60.0  # jax's default 75%

@@ -3,7 +3,7 @@ cost?
 
   python -m pixelllm_jax.scale_check --topology=v5e:4x4 --rules=fsdp --mesh=1,-1,1 \\
       --remat=block --compute_dtype=bfloat16            # the paper T5-XL config, 64 images
-  python -m pixelllm_jax.scale_check --gpu=h100:8 --rules=fsdp --mesh=1,8,1 \
+  python -m pixelllm_jax.scale_check --gpu=h100:8 --rules=fsdp --mesh=1,8,1 \\
       --remat=block --compute_dtype=bfloat16 --scan     # the same, on an 8 x H100 host
   python -m pixelllm_jax.scale_check --cpu_devices=8 --gin_file=models/tiny.gin --batch=8
 

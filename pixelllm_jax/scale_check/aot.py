@@ -27,14 +27,14 @@ GIB = 1024 ** 3
 # HBM per chip (public specs), by the device_kind libtpu reports.
 HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v6 lite": 32.0}
 
+STEPS = ("train", "decode")
+
 
 def memory_gib(device_kind: str) -> float | None:
   """The memory a step may use per device: a TPU chip's HBM; on a GPU, the share of it a jax
   process gives XLA (gpu_targets.usable_gib); None where unknown (CPU)."""
   spec = gpu_targets.by_kind(device_kind)
   return gpu_targets.usable_gib(spec) if spec else HBM_GIB.get(device_kind)
-
-STEPS = ("train", "decode")
 
 
 def tpu_devices(topology: str, chip_config: str | None = None) -> list:
